@@ -9,7 +9,6 @@ download cache; a download (progress bar, hash check); and, offline, the dataset
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from course_utils.atomic import write_text_atomic
 from course_utils.config import CourseConfig
+from course_utils.downloads import DownloadError, HashMismatchError, RemoteFile, fetch, sha256_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CONVERTIBLE_MODES = {"RGB", "L", "LA", "RGBA", "P", "PA", "1"}
@@ -103,15 +103,6 @@ class ImageFolderDataset:
             "skipped": len(self.skipped),
             "fallback_reason": self.fallback_reason,
         }
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """The hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_manifest(manifest: Path, base: Path) -> int:
@@ -250,22 +241,12 @@ def read_image_folder(
 
 
 def _download_remote(spec: RemoteDataset, cache: Path) -> Path:
-    import pooch
-
-    cache.mkdir(parents=True, exist_ok=True)
-    recorded = cache / f"{spec.name}.zip.sha256"
-    known = spec.sha256 or (recorded.read_text().strip() if recorded.exists() else None)
     try:
-        archive = pooch.retrieve(
-            spec.url, known_hash=f"sha256:{known}" if known else None, fname=f"{spec.name}.zip",
-            path=cache, progressbar=True,
-        )
-    except ValueError as error:  # pooch reports a hash mismatch as ValueError
-        raise DatasetIntegrityError(
-            f"The download of {spec.name} does not match its recorded sha256 ({error}). Delete {cache} to fetch it afresh."
-        ) from None
-    if not known:
-        write_text_atomic(recorded, sha256_file(Path(archive)) + "\n")
+        archive = fetch(RemoteFile(spec.url, spec.sha256), cache, fname=f"{spec.name}.zip")
+    except HashMismatchError as error:
+        raise DatasetIntegrityError(f"{error} Delete {cache} to fetch it afresh.") from None
+    except DownloadError as error:
+        raise DatasetError(str(error)) from None
     target = cache / spec.name
     if not (target / spec.folder).is_dir():
         _fill_atomically(target, lambda tmp: shutil.unpack_archive(archive, tmp))
