@@ -69,11 +69,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from course_utils.report import markdown_table
+    from course_utils.zoo import registry_table
+
+    rows = registry_table(_config(args).workspace / "cache")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(markdown_table(rows, ["name", "alias", "family", "year", "source", "input_size", "params",
+                                    "imagenet_top1", "weights_local"]))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from course_utils.data import resolve_dataset
+    from course_utils.finetune import models_dir, summary, train_classifier
+    from course_utils.ledger import Ledger
+    from course_utils.zoo import save_classifier
+
+    config = _config(args)
+    dataset = resolve_dataset(config)
+    model, result, evaluation = train_classifier(config, dataset)
+    saved = save_classifier(model, models_dir(config) / "finetuned.pt")
+    metrics = {**summary(model, result, evaluation, dataset), "checkpoint": str(saved)}
+    Ledger(config.workspace).record("finetune", metrics)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "doctor": (cmd_doctor, "what this machine has and what the course can do on it"),
     "data": (cmd_data, "list the datasets, or fetch/verify/build the configured one"),
     "run-all": (cmd_run_all, "the main job: run every notebook headless and write the report"),
     "report": (cmd_report, "rebuild report.md/report.html from the results ledger"),
+    "zoo": (cmd_zoo, "the pretrained model registry: names, sources, sizes, local weights"),
+    "train": (cmd_train, "fine-tune the configured backbone on the configured dataset"),
 }
 
 
@@ -87,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (func, help_text) in COMMANDS.items():
         command = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
         command.set_defaults(func=func)
+        if name in {"doctor", "zoo"}:
+            command.add_argument("--json", action="store_true", help="print as JSON")
         if name == "doctor":
-            command.add_argument("--json", action="store_true", help="print the report as JSON")
             command.add_argument("--no-network", action="store_true", help="skip the online check")
         elif name == "data":
             command.add_argument("--list", action="store_true", help="list the registry")

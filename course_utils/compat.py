@@ -99,10 +99,12 @@ def init_random_weights(model: Any) -> None:
 
 @contextlib.contextmanager
 def quiet_mmengine() -> Iterator[None]:
-    """Silence mmengine's registry and logger chatter while building models."""
+    """Silence mmengine's chatter (registry warnings, a line per parameter from ``init_weights``)."""
     import logging
 
-    logger = logging.getLogger("mmengine")
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -111,3 +113,43 @@ def quiet_mmengine() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
+
+
+def _unbind_attention_forward(self: Any, x: Any) -> Any:
+    """mmpretrain 1.2's ``MultiheadAttention.forward`` with ``qkv.unbind(0)`` and a width read from the heads.
+
+    Identical arithmetic; only the two marked lines differ from mmpretrain's own forward.
+    """
+    B, N, _ = x.shape
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dims).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # was qkv[0], qkv[1], qkv[2]
+    attn_drop = self.attn_drop if self.training else 0.0
+    x = self.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop)
+    x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dims)  # was self.embed_dims
+    x = self.proj(x)
+    x = self.out_drop(self.gamma1(self.proj_drop(x)))
+    if self.v_shortcut:
+        x = v.squeeze(1) + x
+    return x
+
+
+def fix_mmpretrain_attention(model: Any) -> list[Any]:
+    """Make mmpretrain's ViT attention layers traceable by Torch-Pruning; return them.
+
+    ``MultiheadAttention.forward`` splits q, k, v by indexing ``qkv[0..2]``; Torch-Pruning's dependency
+    graph cannot map channels through that indexing (IndexError while tracing), but it understands
+    ``torch.unbind``, which returns the same three tensors. The reshape after attention also reads
+    ``embed_dims``, fixed at build time, where the pruned width is ``num_heads * head_dims``. The fix
+    replaces ``forward`` on these instances only (exactly this class: subclasses such as Twins' have
+    their own forward), so other models and other code are untouched; it is idempotent.
+    """
+    import types
+
+    fixed = []
+    for module in model.modules():
+        kind = type(module)
+        if kind.__name__ == "MultiheadAttention" and kind.__module__ == "mmpretrain.models.utils.attention":
+            if getattr(module.forward, "__func__", None) is not _unbind_attention_forward:
+                module.forward = types.MethodType(_unbind_attention_forward, module)
+            fixed.append(module)
+    return fixed

@@ -317,3 +317,18 @@ def course_model(config: CourseConfig) -> Classifier:
         model, _, _ = train_classifier(config, resolve_dataset(config))
         save_classifier(model, path)
     return load_classifier(path)
+
+
+def check_head_parameters(model: Classifier, answer: int | None, strict: bool = False) -> Any:
+    """Notebook 02 exercise: the number of parameters phase 1 (head only) trains."""
+    from course_utils.exercises import check_value
+
+    head = model.head_parameter_names()
+    expected = sum(p.numel() for name, p in model.named_parameters() if name in head)
+    total = sum(p.numel() for p in model.parameters())
+    return check_value(
+        answer, expected,
+        f"Right: {expected:,} of {total:,} ({expected / total:.2%}). That is why phase 1 needs so little data.",
+        "Not quite. Hint: sum `p.numel()` over the parameters whose names are in `model.head_parameter_names()`.",
+        strict,
+    )

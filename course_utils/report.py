@@ -25,6 +25,10 @@ STAGE_TITLES = {
 
 
 def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int) and abs(value) >= 1_000_000:
+        return f"{value / 1e9:.2f} G" if abs(value) >= 1_000_000_000 else f"{value / 1e6:.2f} M"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
@@ -47,6 +51,16 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def stage_table(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     """A stage's figures as (key, formatted value) rows, timestamps left out."""
     return [(k, _format(v)) for k, v in flatten(metrics).items() if k != "recorded_at"]
+
+
+def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:
+    """Rows of dicts as a Markdown table (numbers formatted to 4 significant digits)."""
+    if not rows:
+        return "_(no rows)_"
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_format(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def stage_markdown(metrics: Mapping[str, Any]) -> str:

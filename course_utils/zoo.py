@@ -269,7 +269,7 @@ def _build_net(item: ZooEntry, num_classes: int) -> nn.Module:
         mmpretrain = import_mmpretrain()
         with quiet_mmengine():
             net = mmpretrain.get_model(item.builder_name, pretrained=False, head=dict(num_classes=num_classes))
-        init_random_weights(net)
+            init_random_weights(net)
         return net
     import timm
 
@@ -388,3 +388,48 @@ def load_classifier(path: Path) -> Classifier:
     model.load_state_dict(payload["state_dict"])
     model.weights = payload["weights_source"]
     return model.eval()
+
+
+def count_params_and_macs(model: nn.Module, input_size: int) -> tuple[int, int]:
+    """Parameters and multiply-accumulates of one forward pass at batch 1 (Torch-Pruning's counter)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    macs, params = tp.utils.count_ops_and_params(model.eval(), torch.randn(1, 3, input_size, input_size))
+    model.train(was_training)
+    return int(params), int(macs)
+
+
+def cpu_latency_ms(model: nn.Module, input_size: int, batch: int = 1, threads: int = 1, min_seconds: float = 0.5) -> float:
+    """Median CPU latency of one forward pass, measured with ``torch.utils.benchmark`` (warm-up included)."""
+    from torch.utils import benchmark
+
+    images = torch.randn(batch, 3, input_size, input_size)
+    timer = benchmark.Timer(stmt="model(images)", globals={"model": model.eval(), "images": images},
+                            num_threads=threads)
+    with torch.inference_mode():
+        model(images)
+        return timer.blocked_autorange(min_run_time=min_seconds).median * 1000
+
+
+def profile(name: str, threads: int = 1) -> dict[str, Any]:
+    """Build a registry model (random weights are fine for speed) and measure params, MACs and CPU latency."""
+    model = load(name, pretrained=False)
+    params, macs = count_params_and_macs(model, model.preprocessing.input_size)
+    return {"name": name, "alias": entry(name).alias, "input_size": model.preprocessing.input_size,
+            "params": params, "gmacs": round(macs / 1e9, 3),
+            "latency_ms_b1": round(cpu_latency_ms(model, model.preprocessing.input_size, threads=threads), 2)}
+
+
+def check_normalised_white(model: Classifier, answer: float | None, strict: bool = False) -> Any:
+    """Notebook 01 exercise: the value a white pixel (255) has after the model's normalisation (red channel)."""
+    from course_utils.exercises import check_value
+
+    expected = (255 - model.preprocessing.mean[0]) / model.preprocessing.std[0]
+    return check_value(
+        answer, expected,
+        f"Right: {expected:.4f}. Feed a model the statistics it was trained with, or its accuracy quietly drops.",
+        "Not quite. Hint: normalised = (pixel - mean) / std, with mean and std from `model.preprocessing` "
+        "(on the 0-255 scale).",
+        strict, equal=lambda a, b: abs(float(a) - b) < 1e-3,
+    )

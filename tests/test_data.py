@@ -1,9 +1,5 @@
-import functools
-import http.server
 import shutil
-import threading
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -146,22 +142,6 @@ def test_unknown_dataset_name_suggests(config: CourseConfig) -> None:
     config.dataset.name = "hymenoptra"
     with pytest.raises(DatasetError, match="Did you mean hymenoptera"):
         resolve_dataset(config, online=False)
-
-
-@pytest.fixture
-def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    """A loopback HTTP server over a temporary folder, for download tests."""
-    root = tmp_path / "served"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
 
 
 def test_download_records_its_hash_and_catches_a_changed_archive(

@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from course_utils import finetune, zoo
+from course_utils.config import CourseConfig
+from course_utils.data import read_image_folder
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path):
+    """Two visibly different classes (dark vs bright noise), 6 train and 4 val images each."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 4)):
+        for name, base in (("dark", 40), ("bright", 200)):
+            folder = tmp_path / "set" / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = np.clip(base + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return read_image_folder(tmp_path / "set")
+
+
+@pytest.fixture
+def tiny_config(config: CourseConfig) -> CourseConfig:
+    config.train.batch_size = 4
+    config.train.epochs_head = 1
+    config.train.epochs_finetune = 2
+    return config
+
+
+def _model(classes: list[str]) -> zoo.Classifier:
+    torch.manual_seed(0)
+    return zoo.load("lite0", classes)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tiny_dataset, tiny_config: CourseConfig, tmp_path: Path) -> None:
+    straight = _model(tiny_dataset.classes)
+    whole = finetune.fit(straight, tiny_dataset, tiny_config, run_dir=tmp_path / "a")
+    assert whole.completed and whole.resumed_from_epoch is None and len(whole.history) == 3
+
+    resumed = _model(tiny_dataset.classes)
+    first = finetune.fit(resumed, tiny_dataset, tiny_config, run_dir=tmp_path / "b", max_epochs_this_call=2)
+    assert not first.completed and len(first.history) == 2
+    rest = finetune.fit(_model(tiny_dataset.classes), tiny_dataset, tiny_config, run_dir=tmp_path / "b")
+    assert rest.completed and rest.resumed_from_epoch == 2
+    assert [r.val_top1 for r in rest.history] == [r.val_top1 for r in whole.history]
+    again = zoo.load("lite0", tiny_dataset.classes, pretrained=False)
+    again.load_state_dict(torch.load(tmp_path / "b" / "best.pt", weights_only=True)["model"])
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    # Asking again for a finished run trains nothing.
+    assert finetune.fit(_model(tiny_dataset.classes), tiny_dataset, tiny_config, run_dir=tmp_path / "b").history == rest.history
+
+
+def test_pretrained_features_separate_easy_classes(tiny_dataset, tiny_config: CourseConfig, tmp_path: Path) -> None:
+    model = _model(tiny_dataset.classes)
+    finetune.fit(model, tiny_dataset, tiny_config, run_dir=tmp_path / "run")
+    evaluation = finetune.evaluate(model, tiny_dataset.samples["val"])
+    assert evaluation.top1 == 1.0
+    assert sum(map(sum, evaluation.confusion)) == 8 and not evaluation.misclassified
+
+
+def test_phases_train_the_right_parameters() -> None:
+    model = zoo.load("lite0", ["a", "b"], pretrained=False)
+    names = [n for n, _ in model.named_parameters()]
+    head = model.head_parameter_names()
+    assert finetune.trainable_names(model, "head", "last") == head
+    assert finetune.trainable_names(model, "finetune", "all") == set(names)
+    last = finetune.trainable_names(model, "finetune", "last")
+    assert head < last < set(names)
+    assert "net.conv_stem.weight" not in last and "net.conv_head.weight" in last
+
+
+def test_frozen_batch_norm_keeps_its_statistics() -> None:
+    model = zoo.load("lite0", ["a", "b"], pretrained=False)
+    finetune._set_trainable(model, model.head_parameter_names())
+    finetune._train_mode(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert model.net.get_classifier().training
+
+
+def test_early_stopping_ends_the_fine_tune_phase(tiny_dataset, tiny_config: CourseConfig, tmp_path: Path) -> None:
+    tiny_config.train.epochs_finetune = 6
+    tiny_config.train.early_stopping_patience = 1
+    result = finetune.fit(_model(tiny_dataset.classes), tiny_dataset, tiny_config, run_dir=tmp_path / "run")
+    assert result.completed and len(result.history) < 7
+
+
+def test_head_parameter_exercise() -> None:
+    model = zoo.load("lite0", ["a", "b"], pretrained=False)
+    assert finetune.check_head_parameters(model, 1280 * 2 + 2).passed
+    assert not finetune.check_head_parameters(model, 1280 * 2).passed
+
+
+def test_course_model_outside_smoke_mode_names_the_notebook(config: CourseConfig) -> None:
+    config.spec = "default"
+    with pytest.raises(FileNotFoundError, match="notebook 02"):
+        finetune.course_model(config)
