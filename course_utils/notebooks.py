@@ -48,7 +48,7 @@ def run_notebook(notebook: Path, output: Path, parameters: Mapping[str, Any], cw
     return NotebookRun(notebook, output, time.perf_counter() - started)
 
 
-def run_all(config: CourseConfig, only: list[str] | None = None) -> Path:
+def run_all(config: CourseConfig, only: list[str] | None = None, folder: Path = NOTEBOOKS_DIR) -> Path:
     """The main job: run every notebook (or those whose names start with ``only``), then write the report.
 
     Returns the run folder, ``<workspace>/runs/<timestamp>``, which holds the executed notebooks,
@@ -56,11 +56,11 @@ def run_all(config: CourseConfig, only: list[str] | None = None) -> Path:
     """
     run_dir = config.workspace / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     runs = []
-    for notebook in course_notebooks():
+    for notebook in course_notebooks(folder):
         if only and not any(notebook.name.startswith(prefix) for prefix in only):
             continue
         print(f"▶ {notebook.name}", flush=True)
-        run = run_notebook(notebook, run_dir / notebook.name, notebook_parameters(config))
+        run = run_notebook(notebook, run_dir / notebook.name, notebook_parameters(config), cwd=folder)
         print(f"  done in {run.seconds:.0f} s", flush=True)
         runs.append(run)
     ledger = Ledger(config.workspace)

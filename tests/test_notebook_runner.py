@@ -1,0 +1,36 @@
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from course_utils.config import CourseConfig
+from course_utils.notebooks import course_notebooks, run_all
+
+
+def _notebook(path: Path, body: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    parameters = nbformat.v4.new_code_cell('SPEC = "default"')
+    parameters.metadata["tags"] = ["parameters"]
+    nb.cells = [parameters, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_run_all_executes_in_order_and_writes_the_report(tmp_path: Path, config: CourseConfig,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    monkeypatch.setenv("COURSE_WORKSPACE", str(config.workspace))
+    record = ("from course_utils.config import load_config\nfrom course_utils.ledger import Ledger\n"
+              "c = load_config(SPEC)\nLedger(c.workspace).record('{stage}', {{'spec': SPEC, 'order': {order}}})")
+    _notebook(folder / "01_second.ipynb", record.format(stage="finetune", order=2))
+    _notebook(folder / "00_first.ipynb", record.format(stage="environment", order=1))
+    _notebook(folder / "notes.ipynb", "raise RuntimeError('not a course notebook')")
+    assert [p.name for p in course_notebooks(folder)] == ["00_first.ipynb", "01_second.ipynb"]
+    run_dir = run_all(config, folder=folder)
+    assert sorted(p.name for p in run_dir.glob("*.ipynb")) == ["00_first.ipynb", "01_second.ipynb"]
+    results = json.loads((config.workspace / "results.json").read_text())
+    assert results["finetune"]["spec"] == "smoke" and set(results["course"]["notebooks"]) == {"00_first", "01_second"}
+    report = (run_dir / "report.md").read_text()
+    assert report.index("00 · Machine") < report.index("02 · Fine-tuning") and (run_dir / "report.html").exists()
