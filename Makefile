@@ -10,7 +10,7 @@ SPEC ?= default
 # A portable llama.cpp build (no -march=native), so a pip-cached wheel runs on any x86_64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: venv course test lab doctor clean-workspace typecheck
+.PHONY: venv course test lab doctor clean-workspace typecheck app prepare-demo
 
 venv: $(STAMP)
 
@@ -29,8 +29,22 @@ test: venv
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks
 
+# The Narrative Canvas app as a standalone page on http://127.0.0.1:8866 (HOST=0.0.0.0 to share it on a LAN).
+HOST ?= 127.0.0.1
+app: venv
+	$(PY) -m course_utils serve-app --spec $(SPEC) --host $(HOST)
+
+# Build every artifact the app uses before a live demo (training, export, INT8, engines, models).
+prepare-demo: venv
+	$(PY) -m course_utils prepare-demo --spec $(SPEC)
+
 doctor: venv
 	$(PY) -m course_utils doctor
+
+# mypy over the TensorRT-facing modules against tensorrt-stubs, which never land on sys.path.
+TYPECHECKED := course_utils/tensorrt_engines.py course_utils/runtimes.py
+typecheck: venv
+	MYPYPATH=$$($(PY) tools/tensorrt_stubs.py) $(PY) -m mypy --follow-imports=silent $(TYPECHECKED)
 
 clean-workspace:
 	rm -rf workspace

@@ -98,13 +98,188 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from course_utils import tensorrt_engines as te
+    from course_utils.data import resolve_dataset
+    from course_utils.environment import tensorrt_version
+    from course_utils.ledger import Ledger
+    from course_utils.zoo import entry
+
+    config = _config(args)
+    model = te.course_onnx_model(config)
+    installed = tensorrt_version()
+    target = args.plan_for or installed or te.JETPACK_TENSORRT["JetPack 6.1 / 6.2"]
+    gpu = (te.detect_gpu() if installed and not args.plan_for else None) or te.JETSON_ORIN
+    if installed is None and not args.plan_for:
+        print(f"TensorRT is not installed here: this is the plan for TensorRT {target} on {gpu.name}.\n")
+    print(te.build_route(target).explain() + "\n")
+    print(te.plans_text(te.course_plans(config, model, target, gpu)))
+    if args.plan_for or installed is None:
+        return 0 if args.plan_for else 1
+    builds = te.build_course_engines(config, resolve_dataset(config), model,
+                                     entry(config.model.backbone).preprocessing.eval_transform())
+    metrics = te.build_metrics(builds)
+    Ledger(config.workspace).record("engines", {**metrics, "tensorrt": installed})
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from course_utils.data import resolve_dataset
+    from course_utils.environment import tensorrt_version
+    from course_utils.ledger import Ledger
+    from course_utils.onnx_export import deployed_model
+    from course_utils.runtimes import benchmark, course_runners, ledger_metrics, results_markdown, validation_arrays
+    from course_utils.tensorrt_engines import built_engines, course_onnx_model
+
+    config = _config(args)
+    (model, _), onnx_model = deployed_model(config), course_onnx_model(config)
+    images, labels = validation_arrays(resolve_dataset(config).samples["val"], model.preprocessing.eval_transform())
+    runners = course_runners(model, onnx_model.path, config.benchmark.threads, config.workspace,
+                             built_engines(config, onnx_model), config.engine.batch_max)
+    try:
+        results = benchmark(runners, config.benchmark.batch_sizes, onnx_model.input_size, config.benchmark.warmup,
+                            config.benchmark.iterations, images, labels)
+    finally:
+        for runner in runners:
+            runner.close()
+    ledger = Ledger(config.workspace)
+    build_seconds = ledger.stage("engines").get("build_seconds", {})
+    ledger.record("engines", {**ledger_metrics(results, build_seconds), "tensorrt": tensorrt_version()})
+    print(results_markdown(results))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from course_utils import onnx_export as ox
+    from course_utils.ledger import Ledger
+
+    config = _config(args)
+    artifacts = ox.course_onnx(config, rebuild=args.rebuild)
+    latency = ox.onnxruntime_cpu_latency_ms(artifacts.optimized_path, artifacts.input_size,
+                                            warmup=config.benchmark.warmup, iterations=config.benchmark.iterations,
+                                            threads=config.benchmark.threads)
+    metrics = ox.stage_metrics(artifacts, latency)
+    Ledger(config.workspace).record("onnx", metrics)
+    print(ox.steps_markdown(artifacts) + "\n")
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_prepare_demo(args: argparse.Namespace) -> int:
+    from course_utils.app import demo_manifest_path, prepare_demo
+
+    config = _config(args)
+    steps = prepare_demo(config, report=lambda s: print(f"{s.status:>8}  {s.name:<18} {s.seconds:7.1f} s  {s.detail}",
+                                                  flush=True))
+    print(f"Manifest: {demo_manifest_path(config)}")
+    return 1 if any(step.status == "failed" for step in steps) else 0
+
+
+def cmd_serve_app(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from course_utils.app import serve_command, serve_environment, write_page
+
+    config = _config(args)
+    if args.host not in {"127.0.0.1", "localhost", "::1"}:
+        print(f"warning: serving on {args.host}: anyone who can reach this machine can use the app.", file=sys.stderr)
+    command = serve_command(write_page(config), args.host, args.port)
+    print(f"Narrative Canvas on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(command, env=serve_environment(config, _parse_sets(args.set)))
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from course_utils.ptq import run_ptq
+
+    print(json.dumps(run_ptq(_config(args)), indent=2))
+    return 0
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
+    from course_utils.qat import run_qat
+
+    print(json.dumps(run_qat(_config(args)).ledger(), indent=2))
+    return 0
+
+
+def cmd_story(args: argparse.Namespace) -> int:
+    from course_utils.llm import LLMEndpointError
+    from course_utils.story import StoryOptions, storyteller
+    from course_utils.story_rails import evaluate_rails, load_redteam, rail_configurations, redteam_markdown
+
+    config = _config(args)
+    try:
+        if args.redteam:
+            teller = storyteller(config, args.rails)
+            items = load_redteam(sample=config.llm.redteam_sample)
+            results = [evaluate_rails(name, items, teller.endpoint) for name in rail_configurations()]
+            print(redteam_markdown(results))
+            return 0
+        options = StoryOptions(args.style, args.theme, args.length, args.language, args.instruction)
+        stream = storyteller(config, args.rails).stream(args.labels, options)
+        for chunk in stream:
+            print(chunk, end="", flush=True)
+        result = stream.result
+    except (LLMEndpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if result is None or result.blocked:
+        print(f"\n[blocked by {result.blocked_by if result else '?'}] {result.message if result else ''}")
+        return 3
+    print(f"\n\nimage prompt: {result.image_prompt}\n[{result.rails} rails, {result.timings['total_s']:.1f} s, "
+          f"{result.tokens_per_second:.0f} tokens/s, {result.endpoint}]")
+    return 0
+
+
+def cmd_speak(args: argparse.Namespace) -> int:
+    import shutil
+
+    from course_utils.speech import SpeechError, speak
+
+    try:
+        path = speak(args.text, _config(args))
+    except SpeechError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(shutil.copyfile(path, args.out) if args.out else path)
+    return 0
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from course_utils.speech import SpeechError, transcribe
+
+    try:
+        transcript = transcribe(args.audio, _config(args))
+    except SpeechError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for note in transcript.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(transcript.text)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "doctor": (cmd_doctor, "what this machine has and what the course can do on it"),
     "data": (cmd_data, "list the datasets, or fetch/verify/build the configured one"),
     "run-all": (cmd_run_all, "the main job: run every notebook headless and write the report"),
     "report": (cmd_report, "rebuild report.md/report.html from the results ledger"),
+    "speak": (cmd_speak, "read a text aloud into a WAV file (the offline voice, or NeMo when available)"),
+    "transcribe": (cmd_transcribe, "turn speech in an audio file (WAV, FLAC, MP3, ...) into text"),
     "zoo": (cmd_zoo, "the pretrained model registry: names, sources, sizes, local weights"),
     "train": (cmd_train, "fine-tune the configured backbone on the configured dataset"),
+    "export": (cmd_export, "export the deployed model to ONNX (dynamic batch), verify and optimize it"),
+    "build-engine": (cmd_build_engine, "TensorRT FP32/FP16/INT8 engines from the optimized ONNX (or their plan)"),
+    "benchmark": (cmd_benchmark, "latency, throughput and top-1 of every runtime on this machine"),
+    "quantize": (cmd_quantize, "INT8 post-training quantization: CPU models (ONNX Runtime) and Q/DQ for TensorRT"),
+    "qat": (cmd_qat, "quantization-aware training with ModelOpt, exported as Q/DQ ONNX and checked in ONNX Runtime"),
+    "prepare-demo": (cmd_prepare_demo, "build every artifact the Narrative Canvas app uses, ahead of a live demo"),
+    "serve-app": (cmd_serve_app, "serve the Narrative Canvas app as a standalone page (Voila, localhost)"),
+    "story": (cmd_story, "a guarded story from classifier labels (streamed), or the red-team table with --redteam"),
 }
 
 
@@ -124,6 +299,29 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--no-network", action="store_true", help="skip the online check")
         elif name == "data":
             command.add_argument("--list", action="store_true", help="list the registry")
+        elif name == "export":
+            command.add_argument("--rebuild", action="store_true", help="export again even if a valid export is cached")
+        elif name == "build-engine":
+            command.add_argument("--plan-for", metavar="VERSION",
+                                 help="print the route and commands for this TensorRT version (e.g. 8.5.2) only")
+        elif name == "serve-app":
+            command.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+            command.add_argument("--port", type=int, default=8866, help="port (default 8866)")
+        elif name == "story":
+            command.add_argument("--labels", nargs="+", default=["tabby cat", "teapot"], help="what the story is about")
+            command.add_argument("--style", default="fairy_tale", help="a style of data/story/catalog.yaml")
+            command.add_argument("--theme", default="friendship", help="a theme of data/story/catalog.yaml")
+            command.add_argument("--length", default="short", help="short, medium or long")
+            command.add_argument("--language", default="en", help="en or zh")
+            command.add_argument("--instruction", default="", help="your own idea for the story")
+            command.add_argument("--rails", default=None, help="none, self_check, deterministic or guarded "
+                                                               "(default: llm.rails)")
+            command.add_argument("--redteam", action="store_true", help="print the red-team table instead")
+        elif name == "speak":
+            command.add_argument("text", help="what to say")
+            command.add_argument("--out", help="copy the WAV here (default: print its cached path)")
+        elif name == "transcribe":
+            command.add_argument("audio", help="an audio file")
         elif name == "run-all":
             command.add_argument("--only", nargs="*", help="run only notebooks whose names start with these prefixes")
     return parser

@@ -153,3 +153,23 @@ def fix_mmpretrain_attention(model: Any) -> list[Any]:
                 module.forward = types.MethodType(_unbind_attention_forward, module)
             fixed.append(module)
     return fixed
+
+
+@functools.cache
+def patch_swin_window_reverse() -> None:
+    """mmpretrain's Swin computes the batch in ``ShiftWindowMSA.window_reverse`` with Python ``int()``.
+
+    Both ONNX exporters record that number as a constant, so the exported graph is silently wrong at
+    every batch size but the traced one (stage 04 checks parity at batch 1, 3 and 8 to catch exactly
+    this). Letting ``view`` infer the batch (``-1``) computes the same tensor in eager mode and exports a
+    dynamic reshape, so the fix is safe for training too. Applied by ``onnx_export.export_onnx``.
+    """
+    import_mmpretrain()
+    from mmpretrain.models.utils.attention import ShiftWindowMSA
+
+    def window_reverse(windows: Any, H: int, W: int, window_size: int) -> Any:  # mmpretrain's signature
+        channels = windows.shape[-1]
+        x = windows.view(-1, H // window_size, W // window_size, window_size, window_size, channels)
+        return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, H, W, channels)
+
+    ShiftWindowMSA.window_reverse = staticmethod(window_reverse)

