@@ -20,7 +20,7 @@ from course_utils.cli import _parse_sets
 from course_utils.config import load_config
 
 
-def one_run(config, browser) -> dict[str, float]:  # noqa: ANN001 - a Playwright browser context
+def one_run(config, browser) -> dict[str, float]:
     """Times of one cold start, in seconds."""
     started = time.perf_counter()
     with PageServer(config) as server:

@@ -35,11 +35,16 @@ from course_utils.onnx_export import effective_opset, export_onnx, randomize_zer
 
 def measure(name: str, exporter: str, opset: int, work: Path) -> dict[str, Any]:
     """One row of the table: export, parity of the raw graph, every tool alone, the course's pipeline."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = randomize_zero_weights(zoo.load(name, pretrained=False))
+    item = zoo.entry(name)
+    row: dict[str, Any] = {"model": item.alias, "exporter": exporter, "input": item.input_size}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = randomize_zero_weights(zoo.load(name, pretrained=False))
+    except Exception as error:  # noqa: BLE001 - a backbone the zoo cannot build is reported, not fatal
+        row["error"] = f"zoo.load failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        return row
     size = model.preprocessing.input_size
-    row: dict[str, Any] = {"model": zoo.entry(name).alias, "exporter": exporter, "input": size}
     started = time.perf_counter()
     try:
         raw = export_onnx(model, work / f"{row['model']}-{exporter}.onnx", size, exporter,  # type: ignore[arg-type]

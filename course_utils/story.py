@@ -315,10 +315,8 @@ class StoryTeller:
         """The next part of ``previous`` (the new instruction goes through the same rails)."""
         if previous.blocked:
             raise ValueError("A blocked story cannot be continued: generate a new one.")
-        started = time.perf_counter()
-        result = self._complete(continue_messages(previous, instruction), previous.labels, previous.dropped_labels,
-                                previous.options, started)
-        return result
+        return self._complete(continue_messages(previous, instruction), previous.labels, previous.dropped_labels,
+                              previous.options, time.perf_counter())
 
     def _complete(self, messages: list[dict[str, str]], kept: list[str], dropped: list[str],
                   options: StoryOptions, started: float) -> StoryResult:

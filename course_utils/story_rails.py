@@ -180,6 +180,7 @@ def default_blocklist() -> BlockList:
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？;；])\s*|\n+")
 _CJK_RUN = re.compile(rf"[{_CJK}\u3000-\u303f\uff00-\uffef]+")
 _CJK_ONLY = re.compile(rf"[{_CJK}]+")
+_QUIET_UNIT_VECTORS = {"normalize_embeddings": True, "show_progress_bar": False}
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,8 @@ class SemanticChecker:
         with self._lock:
             if self._model is None:
                 self._model = embedding_model()
-                self._matrix = self._model.encode([t for _, t in self.labels], normalize_embeddings=True)
-        return self._model.encode(texts, normalize_embeddings=True)
+                self._matrix = self._model.encode([t for _, t in self.labels], **_QUIET_UNIT_VECTORS)
+        return self._model.encode(texts, **_QUIET_UNIT_VECTORS)
 
     def nearest(self, text: str) -> SemanticMatch | None:
         """The closest exemplar to the whole text or any of its sentences; None when too little English is left.
@@ -294,7 +295,7 @@ class BilingualEmbedding:
 
         english = [" ".join(_CJK_RUN.sub(" ", d).split()) for d in documents]
         has_english = [bool(re.search(r"[^\W\d_]", e)) for e in english]
-        latin = embedding_model().encode([e or "-" for e in english], normalize_embeddings=True)
+        latin = embedding_model().encode([e or "-" for e in english], **_QUIET_UNIT_VECTORS)
         rows = []
         for doc, vec, use_latin in zip(documents, latin, has_english):
             zh = _zh_vector(doc, self.zh_dims)

@@ -18,6 +18,7 @@ from course_utils import app
 from course_utils.config import CourseConfig
 from course_utils.exercises import ExerciseFailed
 from course_utils.ledger import Ledger
+from course_utils.llm import LLMEndpointError
 
 
 def _png(colour: tuple[int, int, int] = (200, 30, 30), size: int = 32) -> bytes:
@@ -41,9 +42,8 @@ class FakeStream:
         self._chunks, self.result, self.closed = chunks, None, False
         self._final = result
 
-    def __iter__(self):  # noqa: ANN204 - a generator, as StoryStream's
-        for chunk in self._chunks:
-            yield chunk
+    def __iter__(self):
+        yield from self._chunks
         self.result = self._final
 
 
@@ -64,7 +64,7 @@ def _loaded(classes: list[str]) -> app.LoadedClassifier:
     return app.LoadedClassifier(FakeRunner(len(classes)), classes, lambda image: _tensor(), max_batch=2)
 
 
-def _tensor():  # noqa: ANN202 - a torch-like object with .numpy()
+def _tensor():
     class Tensor:
         def numpy(self) -> np.ndarray:
             return np.zeros((3, 8, 8), np.float32)
@@ -139,7 +139,7 @@ def test_model_choices_find_the_fine_tuned_model_and_are_cached(config: CourseCo
 
 
 def _canvas(config: CourseConfig, monkeypatch: pytest.MonkeyPatch, stream: FakeStream) -> app.NarrativeCanvas:
-    import course_utils.story as story
+    from course_utils import story
 
     monkeypatch.setattr(story, "stream_story", lambda config, labels, **options: stream)
     canvas = app.NarrativeCanvas(config)
@@ -182,7 +182,7 @@ def test_a_blocked_story_gets_no_picture_and_cannot_be_continued(config: CourseC
 
 
 def test_continuing_adds_a_chapter(config: CourseConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    import course_utils.story as story
+    from course_utils import story
     from course_utils.story import StoryOptions
 
     canvas = _canvas(config, monkeypatch, FakeStream(["Part one."], FakeStory(text="Part one.")))
@@ -214,6 +214,7 @@ def test_tasks_report_results_errors_and_cancellation() -> None:
 def test_errors_become_messages() -> None:
     assert app.explain(app.AppError("Upload fewer.")) == "Upload fewer."
     assert app.explain(KeyError("x")) == "KeyError: 'x' (details in the app log)."
+    assert app.explain(LLMEndpointError("Set llm.base_url.")) == "Set llm.base_url."
 
 
 def test_the_widgets_show_an_error_instead_of_raising(config: CourseConfig) -> None:

@@ -29,8 +29,8 @@ pytestmark = [
 
 def test_upload_classify_story_and_picture_in_a_real_browser(tmp_path: Path) -> None:
     playwright = pytest.importorskip("playwright.sync_api", reason="`pip install -e .[dev]` installs playwright")
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
     photo = tmp_path / "chelsea.png"
     Image.fromarray(data.chelsea()).save(photo)

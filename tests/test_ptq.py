@@ -134,6 +134,9 @@ def test_modelopt_makes_symmetric_s8_qdq_and_leaves_its_input_alone(tiny: OnnxMo
     val = images(16, 2)
     with OrtRunner(made.path) as int8, OrtRunner(tiny.path) as fp32:
         assert (int8.run(val).argmax(-1) == fp32.run(val).argmax(-1)).mean() >= 0.85
+    # ModelOpt runs in its own process: ONNX Runtime's quantizer here still works after it (it patches ORT).
+    assert ptq.quantize(tiny, Recipe("onnxruntime", "entropy"), calibration, tmp_path).path.exists()
+    assert "--calibration_eps" in ptq.modelopt_command(tiny.path, made.path, tmp_path, "max", "images", (4, 3, 8, 8))
 
 
 def result(name: str, top1: float, agreement: float, b8: float, target: str = "cpu",
