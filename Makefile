@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 course: venv
 	$(PY) -m course_utils run-all --spec $(SPEC)
 
-test: venv
+test: venv typecheck
 	$(PY) -m pytest
 
 lab: venv

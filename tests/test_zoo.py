@@ -66,7 +66,8 @@ def test_offline_without_weights_is_refused_unless_opted_in(tmp_path: Path) -> N
     assert model.weights == "random"
 
 
-@pytest.mark.parametrize("name", ["mobilenet-v2", "deit-tiny", "conformer-tiny", "efficientvit-b0", "lite0"])
+@pytest.mark.parametrize("name", ["mobilenet-v2", "deit-tiny", "conformer-tiny", "inception-v3",
+                                  "efficientvit-b0", "lite0"])
 def test_new_head_for_n_classes(name: str) -> None:
     model = zoo.load(name, ["a", "b", "c"], pretrained=False)
     size = model.preprocessing.input_size
