@@ -98,6 +98,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from course_utils.prune import PruningError, run_stage
+
+    try:
+        metrics = run_stage(_config(args))
+    except PruningError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def cmd_build_engine(args: argparse.Namespace) -> int:
     from course_utils import tensorrt_engines as te
     from course_utils.data import resolve_dataset
@@ -272,6 +284,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "transcribe": (cmd_transcribe, "turn speech in an audio file (WAV, FLAC, MP3, ...) into text"),
     "zoo": (cmd_zoo, "the pretrained model registry: names, sources, sizes, local weights"),
     "train": (cmd_train, "fine-tune the configured backbone on the configured dataset"),
+    "prune": (cmd_prune, "structured pruning sweep, retraining, and the kept pruned model (workspace/models/pruned.pt)"),
     "export": (cmd_export, "export the deployed model to ONNX (dynamic batch), verify and optimize it"),
     "build-engine": (cmd_build_engine, "TensorRT FP32/FP16/INT8 engines from the optimized ONNX (or their plan)"),
     "benchmark": (cmd_benchmark, "latency, throughput and top-1 of every runtime on this machine"),

@@ -53,10 +53,14 @@ class TrainConfig(_Section):
 
 
 class PruneConfig(_Section):
-    ratio: float = Field(default=0.5, ge=0.0, lt=1.0)
+    ratio: float = Field(default=0.25, ge=0.0, lt=1.0)
+    threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
-    sweep: list[float] = [0.0, 0.25, 0.5, 0.7]
+    granularity: int = Field(default=8, ge=1)
+    min_channels: int = Field(default=16, ge=1)
+    sweep: list[float] = [0.0, 0.1, 0.25, 0.5]
     retrain_epochs: int = Field(default=2, ge=0)
+    retrain_lr: float = Field(default=1e-3, gt=0)
 
 
 class ExportConfig(_Section):

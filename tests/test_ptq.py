@@ -11,7 +11,7 @@ from course_utils import ptq
 from course_utils.calibration import CalibrationSet
 from course_utils.config import CourseConfig, load_config
 from course_utils.downloads import sha256_file
-from course_utils.ledger import Ledger
+from course_utils.ledger import Ledger, LedgerError
 from course_utils.ptq import QuantizationError, Recipe, VariantResult
 from course_utils.tensorrt_engines import EngineBuildError, Gpu, OnnxModel
 
@@ -161,6 +161,8 @@ def test_best_models_and_ledger_figures(tmp_path: Path) -> None:
     assert metrics["best_cpu_model_path"] == "better.onnx" and metrics["tensorrt_qdq_path"] == "modelopt-max.onnx"
     assert metrics["best_cpu_speedup_b8"] == 3.0 and metrics["variants"]["better"]["top1_drop_vs_fp32"] < 0
     Ledger(tmp_path).record("ptq", metrics)  # an INT8 model better than FP32 is a negative drop, and allowed
+    with pytest.raises(LedgerError):
+        Ledger(tmp_path).record("ptq", {"top1_drop_vs_fp32": -1.5})  # a difference of fractions is within [-1, 1]
     assert Ledger(tmp_path).stage("ptq")["ablation"]["8_images"]["val_top1"] == 0.9
 
 

@@ -71,6 +71,20 @@ def test_a_training_step_has_finite_gradients_and_the_state_round_trips(calibrat
         assert torch.equal(model(x), fresh(x))
 
 
+def test_frozen_batchnorm_statistics_survive_training_mode() -> None:
+    import torch
+
+    model = tiny_net()
+    assert qat.freeze_batchnorm_statistics(model) == 1
+    before = model[1].running_mean.clone()
+    model.train()
+    model(torch.from_numpy(images(8, 5)) * 3 + 1)
+    assert torch.equal(model[1].running_mean, before)
+    fresh = tiny_net().train()
+    fresh(torch.from_numpy(images(8, 5)) * 3 + 1)
+    assert not torch.equal(fresh[1].running_mean, before)  # what fit would otherwise do to them
+
+
 def test_qdq_export_matches_the_fake_quant_model_in_onnx_runtime(quantized: object, tmp_path: Path) -> None:
     import onnx
 
