@@ -935,7 +935,7 @@ def write_page(config: CourseConfig) -> Path:
     from course_utils.atomic import write_json_atomic
 
     # Written as plain JSON: importing nbformat costs seconds (its schema validator compiles a grammar).
-    cell = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+    cell: dict[str, object] = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
             "source": ["from course_utils.app import launch\n", "\n", "app = launch()"]}
     notebook = {"nbformat": 4, "nbformat_minor": 4, "cells": [cell], "metadata": {
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},

@@ -29,14 +29,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from course_utils.atomic import write_json_atomic
-from course_utils.downloads import sha256_file
+from course_utils.sealed_cache import CacheState, cache_state, discard_unless_valid, seal
 
 LOG = logging.getLogger(__name__)
 Sample = tuple[Path, int]
 Calibrator = Literal["entropy", "minmax"]
 CALIBRATORS: tuple[Calibrator, ...] = ("entropy", "minmax")
-CacheState = Literal["missing", "valid", "foreign", "unverified", "modified"]
 
 
 class CalibrationError(ValueError):
@@ -172,35 +170,17 @@ def calibration_cache_path(folder: Path, key: CalibrationCacheKey) -> Path:
     return Path(folder) / key.filename
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
 def calibration_cache_state(path: Path, key: CalibrationCacheKey) -> CacheState:
-    """``valid`` only when the sidecar records exactly ``key`` and the file's current hash.
-
-    ``foreign``: made for another model, calibrator, TensorRT, data set or seed; ``unverified``: no
-    sidecar (copied in from elsewhere); ``modified``: changed since it was sealed; ``missing``: none yet.
-    """
-    if not path.exists():
-        return "missing"
-    try:
-        meta = json.loads(_sidecar(path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return "unverified"
-    if meta.get("key") != asdict(key):
-        return "foreign"
-    return "valid" if meta.get("sha256") == sha256_file(path) else "modified"
+    """``valid`` only for a cache sealed for exactly this model, calibrator, TensorRT, data set and seed."""
+    return cache_state(path, key)
 
 
 def prepare_calibration_cache(path: Path, key: CalibrationCacheKey) -> CacheState:
     """Check the cache before a build; one that is not ``valid`` is deleted so the calibrator measures afresh."""
-    state = calibration_cache_state(path, key)
+    state = discard_unless_valid(path, key)
     if state not in ("valid", "missing"):
-        LOG.warning("calibration cache %s is %s for %s: deleting it so calibration runs again",
+        LOG.warning("calibration cache %s was %s for %s: deleted, so calibration runs again",
                     path.name, state, key.calibrator)
-        path.unlink()
-        _sidecar(path).unlink(missing_ok=True)
     return state
 
 
@@ -208,5 +188,5 @@ def seal_calibration_cache(path: Path, key: CalibrationCacheKey) -> None:
     """Record beside a cache the calibrator just wrote what it is valid for, and its hash."""
     if not path.exists():
         raise CalibrationError(f"No calibration cache at {path} to seal: did the INT8 build run its calibrator?")
-    write_json_atomic(_sidecar(path), {"key": asdict(key), "sha256": sha256_file(path)})
+    seal(path, key)
 

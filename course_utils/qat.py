@@ -18,7 +18,6 @@ cannot trace ModelOpt's quantizers) and checked in ONNX Runtime against the fake
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from course_utils.atomic import write_json_atomic
 from course_utils.calibration import CalibrationSet
 from course_utils.config import CourseConfig
 from course_utils.exercises import ExerciseResult, check_value
@@ -134,7 +134,7 @@ def fine_tune(model: Any, dataset: Any, config: CourseConfig, key: dict[str, Any
     freeze_batchnorm_statistics(model)
     folder = run_dir(config, key)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True), encoding="utf-8")
+    write_json_atomic(folder / "key.json", key)
     return fit(model, dataset, qat_config(config), run_dir=folder)
 
 
@@ -145,12 +145,14 @@ def export_qdq_onnx(model: Any, path: Path, input_size: int, opset: int = 17,
     The dynamo exporter fails on ModelOpt's quantizers; the TorchScript exporter turns each one into a
     QuantizeLinear/DequantizeLinear pair, the explicit INT8 that TensorRT builds from.
     """
+    from course_utils.environment import package_version
     from course_utils.onnx_export import export_onnx
 
     def make(out: Path) -> None:
         export_onnx(model, out, input_size, exporter="torchscript", opset=max(opset, 13))
 
-    build_or_reuse(path, key or {"unkeyed": str(path)}, make, force=key is None)
+    full_key = {**(key or {}), "opset": max(opset, 13), "input_size": input_size, "torch": package_version("torch")}
+    build_or_reuse(path, full_key, make, force=key is None)
     return path
 
 

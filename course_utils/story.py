@@ -218,6 +218,16 @@ class StoryStream:
 # --- The storyteller ---------------------------------------------------------------------------------------
 
 
+def complete_sentences(text: str) -> str:
+    """Drop a last sentence cut off by the token cap ("…and the"), unless it is most of the text."""
+    ends = [text.rfind(mark) for mark in (".", "!", "?", "。", "！", "？", "…")]
+    last = max(ends)
+    if last < 0 or last == len(text) - 1 or last < len(text) // 4:
+        return text
+    closing = len(text) > last + 1 and text[last + 1] in "\"'”’»」"
+    return text[: last + 1 + closing]
+
+
 class StoryTeller:
     """Writes stories through one endpoint and one rail configuration; reuse it across cells.
 
@@ -346,6 +356,7 @@ class StoryTeller:
 
     def _finish(self, text: str, kept: list[str], dropped: list[str], options: StoryOptions, started: float,
                 timings: dict[str, float], tokens: int) -> StoryResult:
+        text = complete_sentences(text)
         prompt_started = time.perf_counter()
         image_prompt = self.image_prompt(text, kept, options.style)
         verdict = self.check_output(image_prompt)

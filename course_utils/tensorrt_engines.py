@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from course_utils.atomic import atomic_path, write_json_atomic
 from course_utils.config import CourseConfig, EngineConfig
 from course_utils.downloads import sha256_file
+from course_utils.sealed_cache import CacheState, cache_state, discard_unless_valid, seal, sidecar
 from course_utils.environment import package_version, tensorrt_version
 from course_utils.exercises import ExerciseResult, check_value
 
@@ -249,44 +250,23 @@ class CacheKey:
         return f"{Gpu(self.gpu, self.compute_capability).slug}_trt{self.tensorrt}.timing-cache"
 
 
-CacheState = Literal["missing", "valid", "foreign", "unverified", "modified"]
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
 def timing_cache_state(path: Path, key: CacheKey) -> CacheState:
-    """``valid`` only when the sidecar says this GPU and TensorRT made exactly this file.
-
-    ``foreign``: made for another GPU or TensorRT; ``unverified``: no sidecar (copied in from
-    elsewhere); ``modified``: the file changed since it was saved; ``missing``: no cache yet.
-    """
-    if not path.exists():
-        return "missing"
-    try:
-        meta = json.loads(_sidecar(path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return "unverified"
-    if meta.get("key") != asdict(key):
-        return "foreign"
-    return "valid" if meta.get("sha256") == sha256_file(path) else "modified"
+    """``valid`` only for a cache sealed by this GPU and TensorRT version."""
+    return cache_state(path, key)
 
 
 def prepare_timing_cache(path: Path, key: CacheKey) -> CacheState:
     """Check the cache at ``path``; one that is not ``valid`` is deleted so the build starts a fresh one."""
-    state = timing_cache_state(path, key)
+    state = discard_unless_valid(path, key)
     if state not in ("valid", "missing"):
-        LOG.warning("timing cache %s is %s for %s with TensorRT %s: rebuilding it", path.name, state,
+        LOG.warning("timing cache %s was %s for %s with TensorRT %s: rebuilding it", path.name, state,
                     key.gpu, key.tensorrt)
-        path.unlink()
-        _sidecar(path).unlink(missing_ok=True)
     return state
 
 
 def seal_timing_cache(path: Path, key: CacheKey) -> None:
     """Record beside a freshly saved cache which GPU and TensorRT made it, and its hash."""
-    write_json_atomic(_sidecar(path), {"key": asdict(key), "sha256": sha256_file(path)})
+    seal(path, key)
 
 
 @dataclass(frozen=True)
@@ -537,14 +517,14 @@ def record_engine(plan: EnginePlan, build_seconds: float, calibration_sha256: st
     """Write the engine's sidecar: what it was built from and with (calibration data too), and its own hash."""
     metadata = {**_engine_metadata(plan), "calibration_sha256": calibration_sha256,
                 "build_seconds": round(build_seconds, 3), "engine_sha256": sha256_file(plan.engine_path)}
-    return write_json_atomic(_sidecar(plan.engine_path), metadata)
+    return write_json_atomic(sidecar(plan.engine_path), metadata)
 
 
 def reusable_engine(plan: EnginePlan, calibration_sha256: str | None = None) -> bool:
     """True when the engine file exists and its sidecar matches the plan, the file's hash and, when given,
     the calibration data's hash."""
     try:
-        meta = json.loads(_sidecar(plan.engine_path).read_text(encoding="utf-8"))
+        meta = json.loads(sidecar(plan.engine_path).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     return (plan.engine_path.exists() and plan.source.exists()

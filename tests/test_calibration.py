@@ -92,6 +92,8 @@ def test_batches_match_the_opt_batch(samples: list[tuple[Path, int]]) -> None:
     reader = calibration.onnxruntime_reader()
     fed = [reader.get_next() for _ in range(3)]
     assert fed[2] is None and fed[0]["x"].shape == (4, 3, 32, 32)
+    reader.set_range(1, 2)  # how quantize_static's CalibStridedMinMax feeds one batch at a time
+    assert len(reader) == 2 and np.array_equal(reader.get_next()["x"], calibration.images[4:]) and not reader.get_next()
 
 
 def key(**changes: object) -> CalibrationCacheKey:

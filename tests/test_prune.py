@@ -186,3 +186,10 @@ def test_coupled_layers_follow_depthwise_and_residual_links(cnn: zoo.Classifier)
     assert ("net.blocks.0.0.conv_dw", "outputs") in stem and ("net.blocks.0.0.conv_pw", "inputs") in stem
     residual = prune.coupled_layers(cnn, "net.blocks.1.0.conv_pwl")
     assert ("net.blocks.1.1.conv_pwl", "outputs") in residual, "a residual addition couples both blocks' outputs"
+
+
+def test_narrow_layers_keep_min_channels(cnn: zoo.Classifier) -> None:
+    kept = prune.layer_widths(prune.prune_classifier(cnn, ratio=0.5))
+    assert kept["net.blocks.0.0.conv_pw"] == 16 and kept["net.blocks.1.0.conv_pwl"] == 16
+    halved = prune.layer_widths(prune.prune_classifier(cnn, ratio=0.5, min_channels=8))
+    assert halved["net.blocks.0.0.conv_pw"] == 8 and halved["net.blocks.1.0.conv_pwl"] == 8

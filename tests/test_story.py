@@ -417,3 +417,14 @@ def test_check_rail_for_exercise() -> None:
     with pytest.raises(ExerciseFailed):
         check_rail_for(wrong, strict=True)
     assert not check_rail_for(None).passed
+
+
+def test_a_story_cut_off_by_the_token_cap_ends_on_a_whole_sentence() -> None:
+    from course_utils.story import complete_sentences
+
+    assert complete_sentences("The cat slept. Then the cat ran and") == "The cat slept."
+    assert complete_sentences('She said "go home." And then') == 'She said "go home."'
+    assert complete_sentences("小猫睡着了。然后它") == "小猫睡着了。"
+    assert complete_sentences("A whole story.") == "A whole story."
+    assert complete_sentences("Hi. A very long unfinished sentence that goes on") == \
+        "Hi. A very long unfinished sentence that goes on"
