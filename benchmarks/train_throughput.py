@@ -35,7 +35,7 @@ def main() -> None:
             "train.batch_size": args.batch_size, "train.num_workers": args.workers, "train.epochs_head": 1, "train.epochs_finetune": args.epochs - 1,
         })
         dataset = resolve_dataset(config)
-        model, result, evaluation = finetune.train_classifier(config, dataset, device=device)
+        _, result, evaluation = finetune.train_classifier(config, dataset, device=device)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({args.threads} thread(s))"
     rows = [{"device": name, "amp": device.type == "cuda", "epoch": r.epoch + 1, "phase": r.phase,
              "batch": args.batch_size, "train_images_per_s": round(r.images_per_second, 1),

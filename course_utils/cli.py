@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 
@@ -141,7 +142,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from course_utils.environment import tensorrt_version
     from course_utils.ledger import Ledger
     from course_utils.onnx_export import deployed_model
-    from course_utils.runtimes import benchmark, course_runners, ledger_metrics, results_markdown, validation_arrays
+    from course_utils.runtimes import (
+        benchmark,
+        course_runners,
+        ledger_metrics,
+        results_markdown,
+        validation_arrays,
+    )
     from course_utils.tensorrt_engines import built_engines, course_onnx_model
 
     config = _config(args)

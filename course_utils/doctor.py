@@ -20,7 +20,7 @@ def _package_file(package: str, *parts: str) -> Path | None:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0], *parts)
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
     return path if path.exists() else None
 
 

@@ -92,7 +92,7 @@ def fetch(remote: RemoteFile, cache_dir: Path, fname: str | None = None, online:
                                    fname=fname, path=cache_dir, progressbar=True))
     except ValueError as error:  # pooch reports a hash mismatch as ValueError
         raise HashMismatchError(f"{fname} does not match its recorded sha256: {error}") from None
-    except Exception as error:  # requests' connection errors, timeouts, HTTP errors
+    except Exception as error:  # noqa: BLE001 (requests, urllib3 and pooch raise many kinds)
         raise DownloadError(f"Could not download {remote.url}: {error.__class__.__name__}: {error}") from None
     try:
         _verify(remote, path)

@@ -149,7 +149,7 @@ def tensorrt_version() -> str | None:
         return None
     try:
         trt = importlib.import_module("tensorrt")
-    except Exception:  # a broken install (missing libnvinfer) is as good as none
+    except Exception:  # noqa: BLE001 (a broken install, e.g. missing libnvinfer, is as good as none)
         return None
     if not hasattr(trt, "Builder"):
         return None

@@ -7,8 +7,9 @@ so the instructors' solution edition doubles as a test of the exercise itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from course_utils.data import ImageFolderDataset
 

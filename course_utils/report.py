@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from course_utils.atomic import write_text_atomic
 
@@ -83,8 +84,8 @@ def render_markdown(results: Mapping[str, Mapping[str, Any]], title: str = "Tran
 def render_html(results: Mapping[str, Mapping[str, Any]], title: str = "Transfer-Learning Workbook report") -> str:
     """The ledger as a self-contained HTML page."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}</style>",
+             ("<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}</style>"),
              f"<h1>{html.escape(title)}</h1>"]
     ordered = [s for s in STAGE_TITLES if s in results] + sorted(set(results) - set(STAGE_TITLES))
     for stage in ordered:

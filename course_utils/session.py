@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from course_utils.config import CourseConfig, load_config
 from course_utils.environment import seed_everything, set_threads

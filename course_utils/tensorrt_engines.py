@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from course_utils.atomic import atomic_path, write_json_atomic
 from course_utils.config import CourseConfig, EngineConfig
 from course_utils.downloads import sha256_file
-from course_utils.sealed_cache import CacheState, cache_state, discard_unless_valid, seal, sidecar
 from course_utils.environment import package_version, tensorrt_version
 from course_utils.exercises import ExerciseResult, check_value
+from course_utils.sealed_cache import CacheState, cache_state, discard_unless_valid, seal, sidecar
 
 if TYPE_CHECKING:
     import tensorrt

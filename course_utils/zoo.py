@@ -18,7 +18,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from course_utils.compat import import_mmpretrain, init_random_weights, load_checkpoint_safely, quiet_mmengine, state_dict_of
+from course_utils.compat import (
+    import_mmpretrain,
+    init_random_weights,
+    load_checkpoint_safely,
+    quiet_mmengine,
+    state_dict_of,
+)
 from course_utils.downloads import DownloadError, RemoteFile, cached_path, fetch, sha256_file
 
 Source = Literal["mmpretrain", "timm", "package"]
@@ -199,7 +205,7 @@ def local_weights(item: ZooEntry, cache_root: Path) -> Path | None:
         package, relative, digest = item.package_weights
         spec = importlib.util.find_spec(package)
         if spec is not None and spec.submodule_search_locations:
-            path = Path(list(spec.submodule_search_locations)[0], relative)
+            path = Path(next(iter(spec.submodule_search_locations)), relative)
             if path.exists() and sha256_file(path) == digest:
                 return path
         return None

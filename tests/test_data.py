@@ -8,8 +8,15 @@ from PIL import Image
 
 from course_utils import data
 from course_utils.config import CourseConfig
-from course_utils.data import (DatasetError, DatasetIntegrityError, RemoteDataset, read_image_folder,
-                               resolve_dataset, sha256_file, verify_manifest)
+from course_utils.data import (
+    DatasetError,
+    DatasetIntegrityError,
+    RemoteDataset,
+    read_image_folder,
+    resolve_dataset,
+    sha256_file,
+    verify_manifest,
+)
 
 
 def _save(path: Path, mode: str = "RGB", size: tuple[int, int] = (32, 24), fmt: str | None = None) -> Path:

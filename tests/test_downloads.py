@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from course_utils.downloads import DownloadError, HashMismatchError, RemoteFile, cached_path, fetch, sha256_file
+from course_utils.downloads import (
+    DownloadError,
+    HashMismatchError,
+    RemoteFile,
+    cached_path,
+    fetch,
+    sha256_file,
+)
 
 
 def test_offline_without_cache_says_so(tmp_path: Path) -> None:

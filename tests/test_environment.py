@@ -5,8 +5,13 @@ from pathlib import Path
 import pytest
 
 from course_utils import cli
-from course_utils.environment import (check_online, detect_jetson, jetpack_for_l4t, parse_tegra_release,
-                                      tensorrt_version)
+from course_utils.environment import (
+    check_online,
+    detect_jetson,
+    jetpack_for_l4t,
+    parse_tegra_release,
+    tensorrt_version,
+)
 
 JETPACK_512 = "# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, DATE: Tue Aug  1 19:57:35 UTC 2023\n"
 JETPACK_62 = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8 01:49:37 UTC 2025\n"

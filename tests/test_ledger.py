@@ -36,11 +36,10 @@ def test_corrupt_ledger_says_what_to_do(tmp_path: Path) -> None:
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path: Path) -> None:
     target = tmp_path / "model.bin"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            assert tmp.suffix == ".bin" and tmp.parent == tmp_path
-            tmp.write_text("half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.suffix == ".bin" and tmp.parent == tmp_path
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.bin"]
 
