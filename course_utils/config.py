@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -58,7 +59,7 @@ class PruneConfig(_Section):
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
     granularity: int = Field(default=8, ge=1)
     min_channels: int = Field(default=16, ge=1)
-    sweep: list[float] = [0.0, 0.1, 0.25, 0.5]
+    sweep: list[float] = [0.0, 0.25, 0.5]
     retrain_epochs: int = Field(default=2, ge=0)
     retrain_lr: float = Field(default=1e-3, gt=0)
 
@@ -79,7 +80,7 @@ class EngineConfig(_Section):
     calibrator: Literal["entropy", "minmax"] = "entropy"  # implicit INT8 (TensorRT < 11) only
 
     @model_validator(mode="after")
-    def _ordered_profile(self) -> "EngineConfig":
+    def _ordered_profile(self) -> EngineConfig:
         for low, opt, high in [(self.batch_min, self.batch_opt, self.batch_max), *self.extra_profiles]:
             if not 1 <= low <= opt <= high:
                 raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got {low}/{opt}/{high}")

@@ -19,10 +19,8 @@ import copy
 import hashlib
 import json
 import shutil
-import statistics
-import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +30,7 @@ from torch import nn
 from course_utils.atomic import atomic_path, write_json_atomic
 from course_utils.config import CourseConfig
 from course_utils.exercises import ExerciseResult, check_value
-from course_utils.zoo import Classifier
+from course_utils.zoo import Classifier, cpu_latency_ms
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,29 +40,29 @@ if TYPE_CHECKING:
 
 IMPORTANCES: tuple[str, ...] = ("l1", "l2", "bn_scale", "taylor")
 FORMAT = "course-pruned/1"
-MAX_LAYER_RATIO = 0.9  # never remove more than 90% of one layer's channels (TAO keeps min_num_filters likewise)
+MAX_LAYER_RATIO = 0.9  # never remove more than 90% of one layer's channels
 TAYLOR_BATCHES = 4
 RECORD = "pruning"  # the attribute under which a pruned Classifier carries its recipe and history
 
 # Registry backbones the course refuses to prune, with the reason: benchmarks/prune_registry.py prunes every
 # backbone and checks its forward pass, ONNX export and reload; these failed (docs/benchmarks.md).
 UNPRUNABLE: dict[str, str] = {
-    "shufflenet-v1-1x_16xb64_in1k": "its grouped 1x1 convolutions feed a channel shuffle, and the pruned groups "
-    "no longer line up (the pruned model's forward pass fails)",
-    "shufflenet-v2-1x_16xb64_in1k": "its channel split and shuffle make Torch-Pruning's dependency analysis run "
-    "for minutes without finishing",
+    "shufflenet-v1-1x_16xb64_in1k": "its grouped 1x1 convolutions feed a channel shuffle, and the pruned "
+    "groups no longer line up (the pruned model's forward pass fails)",
+    "shufflenet-v2-1x_16xb64_in1k": "its channel split and shuffle make Torch-Pruning's dependency analysis "
+    "run for minutes without finishing",
     "res2net50-w14-s8_3rdparty_8xb32_in1k": "its hierarchical split-and-concatenate of channel groups breaks "
     "Torch-Pruning's index mapping (IndexError)",
-    "swin-tiny_16xb64_in1k": "its window attention carries relative-position tables that Torch-Pruning does not "
-    "prune with the heads (IndexError)",
+    "swin-tiny_16xb64_in1k": "its window attention carries relative-position tables that Torch-Pruning does "
+    "not prune with the heads (IndexError)",
     "conformer-tiny-p16_3rdparty_in1k": "its coupled CNN and transformer branches cannot be traced by "
     "Torch-Pruning (TypeError)",
     "twins-svt-small_3rdparty_8xb128_in1k": "its locally-grouped and sub-sampled attention layers cannot be "
     "pruned as whole heads (IndexError)",
     "mvitv2-tiny_3rdparty_in1k": "its pooling attention reshapes channels per head, and the pruned model's "
     "forward pass fails",
-    "edgenext-xxsmall_3rdparty_in1k": "its channel-split depthwise stages and cross-covariance attention break "
-    "Torch-Pruning's index mapping (IndexError)",
+    "edgenext-xxsmall_3rdparty_in1k": "its channel-split depthwise stages and cross-covariance attention "
+    "break Torch-Pruning's index mapping (IndexError)",
     "efficientvit_b0.r224_in1k": "its multi-scale linear attention aggregates q, k and v with grouped "
     "convolutions that break Torch-Pruning's index mapping (IndexError)",
 }
@@ -95,13 +93,13 @@ class PruneRecipe:
 
 
 def check_request(model: Classifier, ratio: float | None, threshold: float | None, importance: str) -> None:
-    """Raise ``PruningError`` for an out-of-range ratio or threshold, an unknown criterion or a refused backbone."""
+    """Raise ``PruningError`` for an out-of-range ratio or threshold, an unknown criterion or backbone."""
     if (ratio is None) == (threshold is None):
         raise PruningError("Give exactly one of `ratio` (fraction of channels to remove) or `threshold` "
                            "(TAO-style normalised-magnitude threshold).")
     if ratio is not None and not 0.0 <= ratio <= MAX_LAYER_RATIO:
-        raise PruningError(f"ratio={ratio} is out of range: it is the fraction of each layer's channels to remove, "
-                           f"from 0.0 (nothing) to {MAX_LAYER_RATIO} (keep one channel in ten), e.g. 0.5.")
+        raise PruningError(f"ratio={ratio} is out of range: it is the fraction of each layer's channels to "
+                           f"remove, from 0.0 (nothing) to {MAX_LAYER_RATIO} (keep one in ten), e.g. 0.5.")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise PruningError(f"threshold={threshold} is out of range: importances are divided by their layer's "
                            "largest, so the threshold must lie strictly between 0 and 1 (TAO uses 0.1-0.7).")
@@ -177,7 +175,7 @@ def _narrow_layer_ratios(model: Classifier, ratio: float, recipe: PruneRecipe,
     """
     step = recipe.granularity
     floor = -(-recipe.min_channels // step) * step  # min_channels rounded up to the granularity
-    limits = {}
+    limits: dict[nn.Module, float] = {}
     for module in model.modules():
         if module in skip or not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
@@ -194,14 +192,15 @@ def _pruner(model: Classifier, recipe: PruneRecipe, ratio: float, global_pruning
     heads = _attention_heads(model)
     with warnings.catch_warnings():
         # ViTs' cls_token, pos_embed and layer scales are bare parameters; Torch-Pruning prunes their last
-        # dimension, the embedding, which is right for them (benchmarks/prune_registry.py checks every backbone).
+        # dimension, the embedding, which is right for them (benchmarks/prune_registry.py checks them all).
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
         return tp.pruner.BasePruner(
             model, example_input(model, recipe.input_size),
             importance=_importance(recipe.importance, "max" if global_pruning else "mean"),
             global_pruning=global_pruning, pruning_ratio=ratio, max_pruning_ratio=MAX_LAYER_RATIO,
             pruning_ratio_dict=_narrow_layer_ratios(model, ratio, recipe, set(heads)),
-            ignored_layers=head_modules(model), round_to=recipe.granularity if recipe.granularity > 1 else None,
+            ignored_layers=head_modules(model),
+            round_to=recipe.granularity if recipe.granularity > 1 else None,
             num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=False, head_pruning_ratio=ratio,
         )
 
@@ -212,7 +211,7 @@ def _threshold_ratio(pruner: Any, threshold: float, importance: str) -> float:
     Global pruning of that fraction, ranked by the same max-normalised scores, removes exactly those
     channels (up to granularity rounding): TAO's threshold rule, carried out by Torch-Pruning.
     """
-    # Torch-Pruning's l2 score is the *squared* norm; TAO thresholds the norm itself, so compare with threshold².
+    # Torch-Pruning's l2 score is the *squared* norm; TAO thresholds the norm itself: compare with threshold².
     cutoff = threshold**2 if importance == "l2" else threshold
     scores = [imp for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                         root_module_types=pruner.root_module_types)
@@ -236,8 +235,9 @@ def prune_classifier(
     layer); ``threshold`` removes, TAO-style, the channels whose importance divided by the largest in their
     layer is below it (ranked model-wide). ``importance`` is ``l1``/``l2`` (weight magnitude), ``bn_scale``
     (batch-norm scale, "network slimming") or ``taylor`` (|weight x gradient|, needs training ``samples``).
-    ``granularity`` rounds kept channel counts down to its multiples, never below ``min_channels``. The copy carries its recipe and
-    Torch-Pruning's history (``pruning_record``), which ``save_pruned`` stores; a refused or failed request raises ``PruningError``.
+    ``granularity`` rounds kept channel counts down to its multiples, never below ``min_channels``. The copy
+    carries its recipe and Torch-Pruning's history (``pruning_record``), which ``save_pruned`` stores; a
+    refused or failed request raises ``PruningError``.
     """
     check_request(model, ratio, threshold, importance)
     recipe = PruneRecipe(importance, granularity, input_size or model.preprocessing.input_size, min_channels,
@@ -251,17 +251,19 @@ def prune_classifier(
         if importance == "taylor":
             _taylor_gradients(pruned, samples)
         if threshold is not None:
-            recipe = PruneRecipe(**{**asdict(recipe), "effective_ratio": round(_threshold_ratio(pruner, threshold, importance), 4)})
+            effective = _threshold_ratio(pruner, threshold, importance)
+            recipe = replace(recipe, effective_ratio=round(effective, 4))
             pruner = _pruner(pruned, recipe, recipe.effective_ratio or 0.0, global_pruning=True)
         pruner.step()
     except PruningError:
         raise
     except Exception as error:  # Torch-Pruning fails in many ways on graphs it cannot map; say so plainly
-        raise PruningError(f"Torch-Pruning could not prune {model.backbone} ({type(error).__name__}: {error}). "
-                           "Pick another backbone, or report the architecture.") from error
+        raise PruningError(f"Torch-Pruning could not prune {model.backbone} ({type(error).__name__}: "
+                           f"{error}). Pick another backbone, or report the architecture.") from error
     pruned.zero_grad(set_to_none=True)
     _update_head_counts(pruned)
-    history = [[name, bool(out), [int(i) for i in _plain(idxs)]] for name, out, idxs in pruner.pruning_history()]
+    history = [[name, bool(out), [int(i) for i in _plain(idxs)]]
+               for name, out, idxs in pruner.pruning_history()]
     if not history and (ratio or recipe.effective_ratio):
         raise PruningError(f"Nothing of {model.backbone} was pruned with importance={importance!r}"
                            + (" (it has no batch-norm layers to score)" if importance == "bn_scale" else "")
@@ -272,7 +274,7 @@ def prune_classifier(
 
 
 def pruning_record(model: Classifier) -> dict[str, Any]:
-    """How a model was pruned: ``{"recipe": PruneRecipe fields, "history": [[layer, outputs?, indices], ...]}``."""
+    """How a model was pruned: ``{"recipe": PruneRecipe's fields, "history": [[layer, out?, indices]]}``."""
     record = getattr(model, RECORD, None)
     if record is None:
         raise PruningError("This model was not made by prune_classifier or load_pruned; an unpruned model "
@@ -300,9 +302,10 @@ def _check_output(pruned: Classifier, original: Classifier) -> None:
 
 
 def save_pruned(model: Classifier, path: Path) -> Path:
-    """Save a pruned classifier as plain data (registry name, classes, recipe, history, weights), atomically."""
+    """Save a pruned classifier as plain data (registry name, classes, recipe, history, weights)."""
     payload = {"format": FORMAT, "backbone": model.backbone, "classes": model.classes,
-               "weights_source": model.weights, "pruning": pruning_record(model), "state_dict": model.state_dict()}
+               "weights_source": model.weights, "pruning": pruning_record(model),
+               "state_dict": model.state_dict()}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
@@ -339,17 +342,19 @@ def load_pruned(path: str | Path) -> Classifier:
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output channels (or features) of every convolution and linear layer, by name."""
     return {name: module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
-            for name, module in model.named_modules() if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))}
+            for name, module in model.named_modules()
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))}
 
 
 def width_changes(original: nn.Module, pruned: nn.Module) -> list[tuple[str, int, int]]:
     """``(layer, channels before, channels after)`` for every layer that pruning narrowed."""
     after = layer_widths(pruned)
-    return [(name, width, after[name]) for name, width in layer_widths(original).items() if after[name] != width]
+    return [(name, width, after[name]) for name, width in layer_widths(original).items()
+            if after[name] != width]
 
 
 def coupled_layers(model: Classifier, layer: str) -> list[tuple[str, str]]:
-    """``(layer, "outputs" | "inputs")`` for every layer that loses channels when ``layer``'s outputs are pruned.
+    """``(layer, "outputs" | "inputs")`` for every layer that loses channels with ``layer``'s outputs.
 
     This is Torch-Pruning's dependency group: what must shrink together so the network stays consistent.
     """
@@ -363,7 +368,8 @@ def coupled_layers(model: Classifier, layer: str) -> list[tuple[str, str]]:
     module = traced.get_submodule(layer)
     group = graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, [0])
     names = {id(m): name for name, m in traced.named_modules()}
-    coupled = [(names[id(dep.target.module)], "outputs" if graph.is_out_channel_pruning_fn(dep.handler) else "inputs")
+    coupled = [(names[id(dep.target.module)],
+                "outputs" if graph.is_out_channel_pruning_fn(dep.handler) else "inputs")
                for dep, _ in group if id(dep.target.module) in names]
     return list(dict.fromkeys(coupled))
 
@@ -376,23 +382,6 @@ def macs_and_params(model: Classifier) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def cpu_latency_ms(model: nn.Module, images: torch.Tensor, warmup: int = 3, iterations: int = 20) -> float:
-    """Median milliseconds of one eager PyTorch forward on the CPU, after ``warmup`` untimed runs.
-
-    A deliberately small timer for comparing pruned widths here; the deployment benchmark across runtimes
-    lives with the runtimes stage.
-    """
-    model = model.eval().cpu()
-    times = []
-    with torch.inference_mode():
-        for index in range(warmup + iterations):
-            started = time.perf_counter()
-            model(images)
-            if index >= warmup:
-                times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
-
-
 def fingerprint(model: nn.Module) -> str:
     """A short hash of a model's weights: the cache key of everything computed from them."""
     digest = hashlib.sha256()
@@ -403,7 +392,7 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def retrain_config(config: CourseConfig) -> CourseConfig:
-    """The fine-tuning settings for retraining: every layer trainable, ``prune.retrain_epochs`` at ``retrain_lr``."""
+    """Fine-tuning settings for retraining: all layers trained, ``prune.retrain_epochs`` at ``retrain_lr``."""
     retrain = config.model_copy(deep=True)
     retrain.train = config.train.model_copy(update={
         "epochs_head": 0, "epochs_finetune": config.prune.retrain_epochs, "unfreeze": "all",
@@ -429,26 +418,30 @@ class PrunedRun:
     model_path: str
 
 
-def _run_key(model: Classifier, dataset: ImageFolderDataset, config: CourseConfig, request: dict[str, Any]) -> str:
+def _run_key(model: Classifier, dataset: ImageFolderDataset, config: CourseConfig,
+             request: dict[str, Any]) -> str:
     from course_utils.environment import package_version
 
     settings = {"model": fingerprint(model), "request": request, "importance": config.prune.importance,
-                "granularity": config.prune.granularity, "min_channels": config.prune.min_channels, "retrain": retrain_config(config).train.model_dump(),
+                "granularity": config.prune.granularity, "min_channels": config.prune.min_channels,
+                "retrain": retrain_config(config).train.model_dump(),
                 "seed": config.seed, "samples": [str(p) for p, _ in dataset.samples["train"]],
-                "val": [str(p) for p, _ in dataset.samples["val"]], "torch_pruning": package_version("torch_pruning")}
+                "val": [str(p) for p, _ in dataset.samples["val"]],
+                "torch_pruning": package_version("torch_pruning")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def prune_and_retrain(model: Classifier, dataset: ImageFolderDataset, config: CourseConfig,
                       ratio: float | None = None, threshold: float | None = None) -> PrunedRun:
-    """Prune ``model`` (by ``ratio`` or ``threshold``), evaluate, retrain with ``finetune.fit``, evaluate, measure.
+    """Prune ``model`` (by ``ratio`` or ``threshold``), evaluate, retrain with ``finetune.fit``, measure.
 
-    Results live in ``<workspace>/prune/<key>`` (key: weights, request, settings, data, Torch-Pruning version):
+    Results live in ``<workspace>/prune/<key>`` (key: weights, request, settings, data, library version):
     a rerun reuses them, and an interrupted retraining resumes. Ratio 0.0 measures the unpruned model.
     """
     from course_utils.finetune import evaluate, fit
 
-    folder = config.workspace / "prune" / _run_key(model, dataset, config, {"ratio": ratio, "threshold": threshold})
+    key = _run_key(model, dataset, config, {"ratio": ratio, "threshold": threshold})
+    folder = config.workspace / "prune" / key
     model_file, result_file = folder / "pruned.pt", folder / "accuracy.json"
     if model_file.exists() and result_file.exists():
         pruned, accuracy = load_pruned(model_file), json.loads(result_file.read_text())
@@ -463,13 +456,13 @@ def prune_and_retrain(model: Classifier, dataset: ImageFolderDataset, config: Co
         save_pruned(pruned, model_file)
         write_json_atomic(result_file, accuracy)
     macs, params = macs_and_params(pruned)
-    timing = {"warmup": config.benchmark.warmup, "iterations": config.benchmark.iterations}
+    size, threads = pruned.preprocessing.input_size, config.benchmark.threads
     recipe = pruning_record(pruned)["recipe"]
     return PrunedRun(
         ratio=ratio, threshold=threshold, effective_ratio=recipe["effective_ratio"], params=params, macs=macs,
         file_mb=round(model_file.stat().st_size / 2**20, 2),
-        latency_ms_b1=round(cpu_latency_ms(pruned, example_input(pruned, batch_size=1), **timing), 2),
-        latency_ms_b8=round(cpu_latency_ms(pruned, example_input(pruned, batch_size=8), **timing), 2),
+        latency_ms_b1=round(cpu_latency_ms(pruned, size, batch=1, threads=threads), 2),
+        latency_ms_b8=round(cpu_latency_ms(pruned, size, batch=8, threads=threads), 2),
         val_top1_before_retrain=accuracy["before"], val_top1_after_retrain=accuracy["after"],
         retrain_seconds=accuracy["seconds"], model_path=str(model_file),
     )
@@ -499,7 +492,7 @@ def keep(run: PrunedRun, config: CourseConfig) -> Path:
 
 
 def sweep_rows(runs: list[PrunedRun]) -> list[dict[str, Any]]:
-    """The sweep as table rows (``report.markdown_table``): size, cost, speed, accuracy before/after retraining."""
+    """The sweep as table rows (for ``report.markdown_table``): size, cost, speed, accuracy."""
     return [{"ratio": run.ratio if run.ratio is not None else f"threshold {run.threshold}",
              "params (M)": run.params / 1e6, "MACs (M)": run.macs / 1e6, "file (MB)": run.file_mb,
              "CPU ms, batch 1": run.latency_ms_b1, "CPU ms, batch 8": run.latency_ms_b8,
@@ -514,9 +507,10 @@ def accuracy_vs_macs(runs: list[PrunedRun], title: str = "") -> Figure:
     figure = Figure(figsize=(6, 4))
     axis = figure.add_subplot()
     macs = [run.macs / 1e6 for run in runs]
-    axis.plot(macs, [run.val_top1_before_retrain for run in runs], "o--", mfc="none", label="pruned, not retrained")
+    axis.plot(macs, [run.val_top1_before_retrain for run in runs], "o--", mfc="none",
+              label="pruned, not retrained")
     axis.plot(macs, [run.val_top1_after_retrain for run in runs], "o-", label="after retraining")
-    for run, x in zip(runs, macs):
+    for run, x in zip(runs, macs, strict=True):
         axis.annotate(f"{run.ratio if run.ratio is not None else run.effective_ratio:g}",
                       (x, run.val_top1_after_retrain), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axis.set_xlabel("MACs per image (millions)")
@@ -528,8 +522,9 @@ def accuracy_vs_macs(runs: list[PrunedRun], title: str = "") -> Figure:
 
 
 def _sweep_entry(run: PrunedRun) -> dict[str, Any]:
-    return {"params": run.params, "macs": run.macs, "file_mb": run.file_mb, "latency_ms_b1": run.latency_ms_b1,
-            "latency_ms_b8": run.latency_ms_b8, "val_top1_before_retrain": run.val_top1_before_retrain,
+    return {"params": run.params, "macs": run.macs, "file_mb": run.file_mb,
+            "latency_ms_b1": run.latency_ms_b1, "latency_ms_b8": run.latency_ms_b8,
+            "val_top1_before_retrain": run.val_top1_before_retrain,
             "val_top1_after_retrain": run.val_top1_after_retrain}
 
 
@@ -546,7 +541,8 @@ def stage_metrics(unpruned: PrunedRun, kept: PrunedRun, runs: list[PrunedRun], m
         "macs_before": unpruned.macs, "macs_after": kept.macs, "macs_reduction": round(reduction, 4),
         "file_mb_before": unpruned.file_mb, "file_mb_after": kept.file_mb,
         "val_top1_unpruned": unpruned.val_top1_before_retrain,
-        "val_top1_before_retrain": kept.val_top1_before_retrain, "val_top1_after_retrain": kept.val_top1_after_retrain,
+        "val_top1_before_retrain": kept.val_top1_before_retrain,
+        "val_top1_after_retrain": kept.val_top1_after_retrain,
         "meets_target": bool(reduction >= 0.4 and drop <= 0.01),
         "latency_ms_b1_before": unpruned.latency_ms_b1, "latency_ms_b1_after": kept.latency_ms_b1,
         "latency_ms_b8_before": unpruned.latency_ms_b8, "latency_ms_b8_after": kept.latency_ms_b8,
@@ -556,7 +552,7 @@ def stage_metrics(unpruned: PrunedRun, kept: PrunedRun, runs: list[PrunedRun], m
 
 
 def run_stage(config: CourseConfig) -> dict[str, Any]:
-    """The whole stage, as notebook 03 does it: sweep, keep the configured pruning, record it in the ledger."""
+    """The whole stage as notebook 03 runs it: sweep, keep the configured pruning, record it in the ledger."""
     from course_utils.data import resolve_dataset
     from course_utils.finetune import course_model
     from course_utils.ledger import Ledger
@@ -571,12 +567,12 @@ def run_stage(config: CourseConfig) -> dict[str, Any]:
 
 
 def check_macs_kept(ratio: float, answer: float | None, strict: bool = False) -> ExerciseResult:
-    """Notebook 03: the fraction of a convolution's MACs left when ``ratio`` of its input and output channels go."""
+    """Notebook 03: the fraction of a convolution's MACs left when ``ratio`` of its in and out channels go."""
     expected = (1 - ratio) ** 2
     return check_value(
         answer, expected,
         f"Right: (1 - {ratio})² = {expected:.4g}. A convolution's MACs grow with input x output channels, so "
-        "channel pruning saves quadratically, but depthwise convolutions (one input channel each) only linearly.",
+        "channel pruning saves quadratically; depthwise convolutions (one input channel each) only linearly.",
         "Not quite. Hint: a convolution's MACs are C_in x C_out x kernel area x output pixels, and pruning "
         "removes the same fraction of C_in (the previous layer's outputs) and of C_out.",
         strict, equal=lambda a, b: abs(float(a) - b) < 0.01,

@@ -364,7 +364,7 @@ def load(
                           "because model.allow_random_init is set. Accuracy will be far lower.", stacklevel=2)
     if classes is not None:
         _replace_head(net, item, len(classes))
-    return Classifier(net.eval(), item, classes or imagenet_classes(), source)
+    return Classifier(net, item, classes or imagenet_classes(), source).eval()
 
 
 @functools.cache

@@ -32,8 +32,8 @@ def _onnx_logits(model: zoo.Classifier, path: Path, images: torch.Tensor) -> np.
     """Export with a dynamic batch (traced at batch 2) and run ``images`` through ONNX Runtime."""
     import onnxruntime
 
-    torch.onnx.export(model, (prune.example_input(model, batch_size=2),), str(path), dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["logits"],
+    torch.onnx.export(model, (prune.example_input(model, batch_size=2),), str(path), dynamo=False,
+                      opset_version=17, input_names=["images"], output_names=["logits"],
                       dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"images": images.numpy()})[0]
@@ -50,7 +50,8 @@ def test_cnn_pruning_keeps_forward_onnx_and_head(cnn: zoo.Classifier, tmp_path: 
     macs_after, params_after = prune.macs_and_params(pruned)
     assert params_after < 0.5 * params_before and macs_after < 0.5 * macs_before
     assert pruned.net.get_classifier().out_features == len(CLASSES)
-    assert prune.layer_widths(cnn)["net.conv_stem"] == 32 and prune.layer_widths(pruned)["net.conv_stem"] == 16
+    assert prune.layer_widths(cnn)["net.conv_stem"] == 32
+    assert prune.layer_widths(pruned)["net.conv_stem"] == 16
     images = _images(pruned, 3)
     with torch.inference_mode():
         expected = pruned(images).numpy()
@@ -173,8 +174,9 @@ def test_check_macs_kept() -> None:
 
 
 def test_sweep_table_and_plot() -> None:
-    runs = [prune.PrunedRun(ratio, None, None, int(4e6 * (1 - ratio)), int(4e8 * (1 - ratio) ** 2), 15.0, 10.0,
-                            60.0, 0.95 - ratio, 0.95 - ratio / 2, 1.0, f"r{ratio}.pt") for ratio in (0.0, 0.5)]
+    runs = [prune.PrunedRun(ratio, None, None, int(4e6 * (1 - ratio)), int(4e8 * (1 - ratio) ** 2), 15.0,
+                            10.0, 60.0, 0.95 - ratio, 0.95 - ratio / 2, 1.0, f"r{ratio}.pt")
+            for ratio in (0.0, 0.5)]
     rows = prune.sweep_rows(runs)
     assert [row["MACs (M)"] for row in rows] == [400.0, 100.0] and rows[1]["top-1 retrained"] == 0.7
     figure = prune.accuracy_vs_macs(runs)
@@ -185,7 +187,7 @@ def test_coupled_layers_follow_depthwise_and_residual_links(cnn: zoo.Classifier)
     stem = prune.coupled_layers(cnn, "net.conv_stem")
     assert ("net.blocks.0.0.conv_dw", "outputs") in stem and ("net.blocks.0.0.conv_pw", "inputs") in stem
     residual = prune.coupled_layers(cnn, "net.blocks.1.0.conv_pwl")
-    assert ("net.blocks.1.1.conv_pwl", "outputs") in residual, "a residual addition couples both blocks' outputs"
+    assert ("net.blocks.1.1.conv_pwl", "outputs") in residual, "a residual addition couples both outputs"
 
 
 def test_narrow_layers_keep_min_channels(cnn: zoo.Classifier) -> None:
