@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from course_utils.atomic import atomic_path, write_json_atomic
+from course_utils.atomic import atomic_path
 from course_utils.calibration import (
     CALIBRATORS,
     CalibrationCacheKey,
@@ -41,9 +41,9 @@ from course_utils.calibration import (
     calibration_cache_path,
 )
 from course_utils.config import CourseConfig, QuantConfig
-from course_utils.downloads import sha256_file
 from course_utils.environment import package_version
 from course_utils.exercises import ExerciseResult, check_value
+from course_utils.sealed_cache import cache_state, seal, sidecar
 from course_utils.tensorrt_engines import PTQ_QDQ_KEY, OnnxModel
 
 Tool = Literal["onnxruntime", "modelopt"]
@@ -109,27 +109,19 @@ def key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
 def reusable(path: Path, key: dict[str, Any]) -> bool:
     """True when ``path`` exists and its sidecar records ``key`` and the file's current hash."""
-    try:
-        meta = json.loads(_sidecar(path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return path.exists() and meta.get("key") == key and meta.get("sha256") == sha256_file(path)
+    return cache_state(path, key) == "valid"
 
 
 def build_or_reuse(path: Path, key: dict[str, Any], make: Callable[[Path], None], force: bool = False) -> bool:
     """Reuse ``path`` when its sidecar matches ``key``; else ``make(tmp)`` writes it atomically. True if reused."""
     if not force and reusable(path, key):
         return True
-    _sidecar(path).unlink(missing_ok=True)
+    sidecar(path).unlink(missing_ok=True)
     with atomic_path(path) as tmp:
         make(tmp)
-    write_json_atomic(_sidecar(path), {"key": key, "sha256": sha256_file(path)})
+    seal(path, key)
     return False
 
 

@@ -8,7 +8,7 @@ next, so a cache made elsewhere is rebuilt instead of silently misused.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,8 +23,13 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def _plain(key: Any) -> dict[str, Any]:
+    """A key (a dataclass or a mapping) as the plain dict the sidecar stores."""
+    return asdict(key) if is_dataclass(key) and not isinstance(key, type) else dict(key)
+
+
 def cache_state(path: Path, key: Any) -> CacheState:
-    """``valid`` only when the sidecar records exactly ``key`` (a dataclass) and the file's current hash.
+    """``valid`` only when the sidecar records exactly ``key`` (a dataclass or mapping) and the file's hash.
 
     ``foreign``: made for another key; ``unverified``: no sidecar (copied in from elsewhere);
     ``modified``: changed since it was sealed; ``missing``: no file yet.
@@ -35,7 +40,7 @@ def cache_state(path: Path, key: Any) -> CacheState:
         meta = json.loads(sidecar(path).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return "unverified"
-    if meta.get("key") != asdict(key):
+    if meta.get("key") != json.loads(json.dumps(_plain(key), default=str)):
         return "foreign"
     return "valid" if meta.get("sha256") == sha256_file(path) else "modified"
 
@@ -51,4 +56,4 @@ def discard_unless_valid(path: Path, key: Any) -> CacheState:
 
 def seal(path: Path, key: Any) -> None:
     """Record beside a freshly written cache what it was made for, and its hash."""
-    write_json_atomic(sidecar(path), {"key": asdict(key), "sha256": sha256_file(path)})
+    write_json_atomic(sidecar(path), {"key": _plain(key), "sha256": sha256_file(path)})
