@@ -42,8 +42,8 @@ doctor: venv
 	$(PY) -m course_utils doctor
 
 # mypy over the TensorRT-facing modules against tensorrt-stubs, which never land on sys.path.
-TYPECHECKED := course_utils/tensorrt_engines.py course_utils/runtimes.py course_utils/calibration.py \
-	course_utils/ptq.py course_utils/app.py course_utils/sealed_cache.py
+TYPECHECKED := course_utils/deploy/tensorrt_engines.py course_utils/deploy/runtimes.py \
+	course_utils/deploy/calibration.py course_utils/deploy/ptq.py course_utils/app course_utils/core
 typecheck: venv
 	MYPYPATH=$$($(PY) tools/tensorrt_stubs.py) $(PY) -m mypy --follow-imports=silent $(TYPECHECKED)
 

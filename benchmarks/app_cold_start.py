@@ -15,9 +15,9 @@ import statistics
 import tempfile
 import time
 
-from course_utils.app import CHROMIUM_FLAGS, PageServer
+from course_utils.app.server import CHROMIUM_FLAGS, PageServer
 from course_utils.cli import _parse_sets
-from course_utils.config import load_config
+from course_utils.core.config import load_config
 
 
 def one_run(config, browser) -> dict[str, float]:

@@ -12,9 +12,9 @@ import statistics
 
 import torch
 
-from course_utils import imagegen
 from course_utils.cli import _parse_sets
-from course_utils.config import load_config
+from course_utils.core.config import load_config
+from course_utils.genai import imagegen
 
 
 def main() -> None:

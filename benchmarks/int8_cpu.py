@@ -17,12 +17,12 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
-from course_utils import ptq
-from course_utils.calibration import build_calibration_set
-from course_utils.config import load_config
-from course_utils.data import resolve_dataset
-from course_utils.report import markdown_table
-from course_utils.runtimes import OrtRunner, measure_latency, validation_arrays
+from course_utils.core.config import load_config
+from course_utils.core.report import markdown_table
+from course_utils.deploy import ptq
+from course_utils.deploy.calibration import build_calibration_set
+from course_utils.deploy.runtimes import OrtRunner, measure_latency, validation_arrays
+from course_utils.vision.data import resolve_dataset
 
 
 def main() -> None:

@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
-from course_utils import zoo
-from course_utils.graph_optimize import (
+from course_utils.deploy.graph_optimize import (
     COURSE_PIPELINE,
     SINGLE_TOOLS,
     ParityChecker,
     optimize_graph,
     tool_versions,
 )
-from course_utils.onnx_export import effective_opset, export_onnx, randomize_zero_weights
+from course_utils.deploy.onnx_export import effective_opset, export_onnx, randomize_zero_weights
+from course_utils.vision import zoo
 
 
 def measure(name: str, exporter: str, opset: int, work: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Every backbone is built with random weights (no downloads), pruned at ratio 0.5 with L2 importance, then
 checked: one score per class, ONNX export with a dynamic batch matching ONNX Runtime at batch 3, and
 ``load_pruned`` giving identical logits (reload diff 0). Refused backbones show the course's reason.
-The failures found this way decide ``course_utils.prune.UNPRUNABLE``.
+The failures found this way decide ``course_utils.vision.prune.UNPRUNABLE``.
 Run: ``.venv/bin/python benchmarks/prune_registry.py [names...]``.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from course_utils import prune, zoo
+from course_utils.vision import prune, zoo
 
 
 def export_matches(model: zoo.Classifier, folder: Path) -> float:

@@ -2,7 +2,7 @@
 
 Speed does not depend on the classifier head's weights, so the script builds efficientnet-lite0 with its
 ImageNet weights and a fresh 2-class head, exports it with a dynamic batch (or times ``--onnx PATH``,
-e.g. notebook 04's optimized ONNX) and runs the course's one benchmark (``course_utils.runtimes``).
+e.g. notebook 04's optimized ONNX) and runs the course's one benchmark (``course_utils.deploy.runtimes``).
 
     .venv/bin/python benchmarks/runtimes.py [--iterations 30] [--warmup 5] [--onnx PATH]
 """
@@ -15,8 +15,8 @@ import platform
 import tempfile
 from pathlib import Path
 
-from course_utils.report import markdown_table
-from course_utils.runtimes import OrtRunner, TorchRunner, benchmark, results_rows
+from course_utils.core.report import markdown_table
+from course_utils.deploy.runtimes import OrtRunner, TorchRunner, benchmark, results_rows
 
 
 def export(model: object, path: Path, size: int) -> Path:
@@ -39,7 +39,7 @@ def main() -> None:
 
     import torch
 
-    from course_utils.zoo import load
+    from course_utils.vision.zoo import load
 
     model = load(args.backbone, ["ants", "bees"]).eval()
     size = model.preprocessing.input_size

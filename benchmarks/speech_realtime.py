@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from course_utils import speech
-from course_utils.report import markdown_table
+from course_utils.core.report import markdown_table
+from course_utils.genai import speech
 
 
 def main() -> None:

@@ -14,10 +14,10 @@ import argparse
 import os
 import statistics
 
-from course_utils.config import load_config
-from course_utils.report import markdown_table
-from course_utils.story import StoryTeller, rails_overhead
-from course_utils.story_rails import evaluate_rails, load_redteam, rail_configurations, redteam_markdown
+from course_utils.core.config import load_config
+from course_utils.core.report import markdown_table
+from course_utils.genai.story import StoryTeller, rails_overhead
+from course_utils.genai.story_rails import evaluate_rails, load_redteam, rail_configurations, redteam_markdown
 
 LABELS = ["tabby cat", "teapot"]
 

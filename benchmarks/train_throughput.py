@@ -11,10 +11,10 @@ import tempfile
 
 import torch
 
-from course_utils import finetune
-from course_utils.config import load_config
-from course_utils.data import resolve_dataset
-from course_utils.report import markdown_table
+from course_utils.core.config import load_config
+from course_utils.core.report import markdown_table
+from course_utils.vision import finetune
+from course_utils.vision.data import resolve_dataset
 
 
 def main() -> None:

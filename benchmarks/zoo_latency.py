@@ -10,8 +10,8 @@ import warnings
 
 import torch
 
-from course_utils import zoo
-from course_utils.report import markdown_table
+from course_utils.core.report import markdown_table
+from course_utils.vision import zoo
 
 
 def main() -> None:

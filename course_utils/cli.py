@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from course_utils.config import ConfigError, CourseConfig, load_config
+from course_utils.core.config import ConfigError, CourseConfig, load_config
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from course_utils.data import DATASETS, resolve_dataset
+    from course_utils.vision.data import DATASETS, resolve_dataset
 
     if args.list:
         for name, spec in DATASETS.items():
@@ -54,15 +54,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_run_all(args: argparse.Namespace) -> int:
-    from course_utils.notebooks import run_all
+    from course_utils.core.notebooks import run_all
 
     run_all(_config(args), only=args.only)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from course_utils.ledger import Ledger
-    from course_utils.report import write_report
+    from course_utils.core.ledger import Ledger
+    from course_utils.core.report import write_report
 
     config = _config(args)
     for path in write_report(Ledger(config.workspace).read(), config.workspace):
@@ -71,8 +71,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from course_utils.report import markdown_table
-    from course_utils.zoo import registry_table
+    from course_utils.core.report import markdown_table
+    from course_utils.vision.zoo import registry_table
 
     rows = registry_table(_config(args).workspace / "cache")
     if args.json:
@@ -84,10 +84,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from course_utils.data import resolve_dataset
-    from course_utils.finetune import models_dir, summary, train_classifier
-    from course_utils.ledger import Ledger
-    from course_utils.zoo import save_classifier
+    from course_utils.core.ledger import Ledger
+    from course_utils.vision.data import resolve_dataset
+    from course_utils.vision.finetune import models_dir, summary, train_classifier
+    from course_utils.vision.zoo import save_classifier
 
     config = _config(args)
     dataset = resolve_dataset(config)
@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from course_utils.prune import PruningError, run_stage
+    from course_utils.vision.prune import PruningError, run_stage
 
     try:
         metrics = run_stage(_config(args))
@@ -112,11 +112,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from course_utils import tensorrt_engines as te
-    from course_utils.data import resolve_dataset
-    from course_utils.environment import tensorrt_version
-    from course_utils.ledger import Ledger
-    from course_utils.zoo import entry
+    from course_utils.core.environment import tensorrt_version
+    from course_utils.core.ledger import Ledger
+    from course_utils.deploy import tensorrt_engines as te
+    from course_utils.vision.data import resolve_dataset
+    from course_utils.vision.zoo import entry
 
     config = _config(args)
     model = te.course_onnx_model(config)
@@ -138,18 +138,18 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from course_utils.data import resolve_dataset
-    from course_utils.environment import tensorrt_version
-    from course_utils.ledger import Ledger
-    from course_utils.onnx_export import deployed_model
-    from course_utils.runtimes import (
+    from course_utils.core.environment import tensorrt_version
+    from course_utils.core.ledger import Ledger
+    from course_utils.deploy.onnx_export import deployed_model
+    from course_utils.deploy.runtimes import (
         benchmark,
         course_runners,
         ledger_metrics,
         results_markdown,
         validation_arrays,
     )
-    from course_utils.tensorrt_engines import built_engines, course_onnx_model
+    from course_utils.deploy.tensorrt_engines import built_engines, course_onnx_model
+    from course_utils.vision.data import resolve_dataset
 
     config = _config(args)
     (model, _), onnx_model = deployed_model(config), course_onnx_model(config)
@@ -170,8 +170,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from course_utils import onnx_export as ox
-    from course_utils.ledger import Ledger
+    from course_utils.core.ledger import Ledger
+    from course_utils.deploy import onnx_export as ox
 
     config = _config(args)
     artifacts = ox.course_onnx(config, rebuild=args.rebuild)
@@ -186,7 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_demo(args: argparse.Namespace) -> int:
-    from course_utils.app import demo_manifest_path, prepare_demo
+    from course_utils.app.demo import demo_manifest_path, prepare_demo
 
     config = _config(args)
     steps = prepare_demo(config, report=lambda s: print(f"{s.status:>8}  {s.name:<18} {s.seconds:7.1f} s  {s.detail}",
@@ -198,7 +198,7 @@ def cmd_prepare_demo(args: argparse.Namespace) -> int:
 def cmd_serve_app(args: argparse.Namespace) -> int:
     import subprocess
 
-    from course_utils.app import serve_command, serve_environment, write_page
+    from course_utils.app.server import serve_command, serve_environment, write_page
 
     config = _config(args)
     if args.host not in {"127.0.0.1", "localhost", "::1"}:
@@ -212,23 +212,28 @@ def cmd_serve_app(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from course_utils.ptq import run_ptq
+    from course_utils.deploy.ptq import run_ptq
 
     print(json.dumps(run_ptq(_config(args)), indent=2))
     return 0
 
 
 def cmd_qat(args: argparse.Namespace) -> int:
-    from course_utils.qat import run_qat
+    from course_utils.deploy.qat import run_qat
 
     print(json.dumps(run_qat(_config(args)).ledger(), indent=2))
     return 0
 
 
 def cmd_story(args: argparse.Namespace) -> int:
-    from course_utils.llm import LLMEndpointError
-    from course_utils.story import StoryOptions, storyteller
-    from course_utils.story_rails import evaluate_rails, load_redteam, rail_configurations, redteam_markdown
+    from course_utils.genai.llm import LLMEndpointError
+    from course_utils.genai.story import StoryOptions, storyteller
+    from course_utils.genai.story_rails import (
+        evaluate_rails,
+        load_redteam,
+        rail_configurations,
+        redteam_markdown,
+    )
 
     config = _config(args)
     try:
@@ -257,7 +262,7 @@ def cmd_story(args: argparse.Namespace) -> int:
 def cmd_speak(args: argparse.Namespace) -> int:
     import shutil
 
-    from course_utils.speech import SpeechError, speak
+    from course_utils.genai.speech import SpeechError, speak
 
     try:
         path = speak(args.text, _config(args))
@@ -269,7 +274,7 @@ def cmd_speak(args: argparse.Namespace) -> int:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from course_utils.speech import SpeechError, transcribe
+    from course_utils.genai.speech import SpeechError, transcribe
 
     try:
         transcript = transcribe(args.audio, _config(args))

@@ -10,9 +10,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from course_utils.config import CourseConfig
-from course_utils.data import DATASETS, RemoteDataset
-from course_utils.environment import detect_environment
+from course_utils.core.config import CourseConfig
+from course_utils.core.environment import detect_environment
+from course_utils.vision.data import DATASETS, RemoteDataset
 
 
 def _package_file(package: str, *parts: str) -> Path | None:

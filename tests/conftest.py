@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from course_utils.config import CourseConfig, load_config
+from course_utils.core.config import CourseConfig, load_config
 
 
 @pytest.fixture

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from course_utils import app
-from course_utils.config import CourseConfig
-from course_utils.exercises import ExerciseFailed
-from course_utils.ledger import Ledger
-from course_utils.llm import LLMEndpointError
+from course_utils.app import catalog, demo, server, widgets
+from course_utils.app.canvas import Cancelled, NarrativeCanvas, Task, explain
+from course_utils.core.config import CourseConfig
+from course_utils.core.ledger import Ledger
+from course_utils.genai.llm import LLMEndpointError
+from course_utils.lessons import exercises
+from course_utils.lessons.checks import ExerciseFailed
 
 
 def _png(colour: tuple[int, int, int] = (200, 30, 30), size: int = 32) -> bytes:
@@ -60,8 +62,8 @@ class FakeRunner:
         return logits
 
 
-def _loaded(classes: list[str]) -> app.LoadedClassifier:
-    return app.LoadedClassifier(FakeRunner(len(classes)), classes, lambda image: _tensor(), max_batch=2)
+def _loaded(classes: list[str]) -> catalog.LoadedClassifier:
+    return catalog.LoadedClassifier(FakeRunner(len(classes)), classes, lambda image: _tensor(), max_batch=2)
 
 
 def _tensor():
@@ -72,86 +74,86 @@ def _tensor():
 
 
 def test_uploads_are_limited_to_the_engines_batch_and_must_be_images() -> None:
-    images = app.decode_uploads([("a.png", _png()), ("b.png", _png())], max_images=8)
+    images = catalog.decode_uploads([("a.png", _png()), ("b.png", _png())], max_images=8)
     assert [name for name, _ in images] == ["a.png", "b.png"] and images[0][1].mode == "RGB"
-    with pytest.raises(app.AppError, match="at most 8"):
-        app.decode_uploads([("a.png", _png())] * 9, max_images=8)
-    with pytest.raises(app.AppError, match="notes.txt is not an image"):
-        app.decode_uploads([("notes.txt", b"hello")], max_images=8)
-    with pytest.raises(app.AppError, match="No image"):
-        app.decode_uploads([], max_images=8)
+    with pytest.raises(catalog.AppError, match="at most 8"):
+        catalog.decode_uploads([("a.png", _png())] * 9, max_images=8)
+    with pytest.raises(catalog.AppError, match="notes.txt is not an image"):
+        catalog.decode_uploads([("notes.txt", b"hello")], max_images=8)
+    with pytest.raises(catalog.AppError, match="No image"):
+        catalog.decode_uploads([], max_images=8)
 
 
 def test_top_k_orders_probabilities_and_names_classes() -> None:
-    top = app.top_k(np.array([[0.0, 3.0, 1.0]]), ["a", "b", "c"], k=2)[0]
+    top = catalog.top_k(np.array([[0.0, 3.0, 1.0]]), ["a", "b", "c"], k=2)[0]
     assert [label for label, _ in top] == ["b", "c"]
     assert top[0][1] > top[1][1] and abs(sum(np.exp([0, 3, 1]) / np.exp([0, 3, 1]).sum()) - 1) < 1e-9
 
 
 def test_classification_runs_in_batches_no_larger_than_the_engine_takes() -> None:
     loaded = _loaded(["ants", "bees"])
-    predictions = app.classify(loaded, [Image.new("RGB", (8, 8))] * 5)
+    predictions = catalog.classify(loaded, [Image.new("RGB", (8, 8))] * 5)
     assert loaded.runner.batches == [2, 2, 1]
     assert [top[0][0] for top in predictions] == ["ants", "bees", "ants", "bees", "ants"]
 
 
 def test_html_fragments_escape_what_they_show() -> None:
-    chart = app.top5_html(["<b>x.png"], [[("cat & dog", 0.5)]])
+    chart = widgets.top5_html(["<b>x.png"], [[("cat & dog", 0.5)]])
     assert "&lt;b&gt;x.png" in chart and "cat &amp; dog" in chart and "50.0%" in chart
-    assert "Blocked by the guardrails (keyword)" in app.story_html("no", blocked=True, blocked_by="keyword")
-    assert "line<br>two" in app.story_html("line\ntwo")
+    assert "Blocked by the guardrails (keyword)" in widgets.story_html("no", blocked=True, blocked_by="keyword")
+    assert "line<br>two" in widgets.story_html("line\ntwo")
 
 
 def test_the_checkpoint_path_matches_the_fine_tuning_stage(config: CourseConfig) -> None:
-    from course_utils.finetune import models_dir
+    from course_utils.vision.finetune import models_dir
 
-    assert app.finetuned_path(config) == models_dir(config) / "finetuned.pt"
+    assert catalog.finetuned_path(config) == models_dir(config) / "finetuned.pt"
 
 
 def test_only_runtimes_whose_artifacts_exist_are_offered(config: CourseConfig, tmp_path: Path) -> None:
-    finetuned = app.ModelChoice(app.FINETUNED, "fine-tuned", "efficientnet-lite0", ("ants", "bees"))
-    imagenet = app.ModelChoice("efficientnet-lite0", "ImageNet", "efficientnet-lite0")
-    assert [r.key for r in app.runtime_choices(config, finetuned)] == ["pytorch_fp32"]
+    finetuned = catalog.ModelChoice(catalog.FINETUNED, "fine-tuned", "efficientnet-lite0", ("ants", "bees"))
+    imagenet = catalog.ModelChoice("efficientnet-lite0", "ImageNet", "efficientnet-lite0")
+    assert [r.key for r in catalog.runtime_choices(config, finetuned)] == ["pytorch_fp32"]
     onnx, int8 = tmp_path / "model.onnx", tmp_path / "model_int8.onnx"
     onnx.write_bytes(b"onnx")
     ledger = Ledger(config.workspace)
     ledger.record("onnx", {"optimized_path": str(onnx)})
     ledger.record("ptq", {"best_cpu_model_path": str(int8)})
-    assert [r.key for r in app.runtime_choices(config, finetuned)] == ["pytorch_fp32", "onnxruntime_fp32"]
+    assert [r.key for r in catalog.runtime_choices(config, finetuned)] == ["pytorch_fp32", "onnxruntime_fp32"]
     int8.write_bytes(b"int8")
-    offered = app.runtime_choices(config, finetuned)
+    offered = catalog.runtime_choices(config, finetuned)
     assert [(r.key, r.path) for r in offered] == [("pytorch_fp32", None), ("onnxruntime_fp32", onnx),
                                                   ("onnxruntime_int8", int8)]
-    assert [r.key for r in app.runtime_choices(config, imagenet)] == ["pytorch_fp32"]
+    assert [r.key for r in catalog.runtime_choices(config, imagenet)] == ["pytorch_fp32"]
 
 
 def test_model_choices_find_the_fine_tuned_model_and_are_cached(config: CourseConfig,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from course_utils import zoo
+    from course_utils.vision import zoo
 
-    assert app.FINETUNED not in [c.key for c in app.model_choices(config)]
-    zoo.save_classifier(zoo.load("lite0", ["ants", "bees"], pretrained=False), app.finetuned_path(config))
-    choices = app.model_choices(config)
-    assert choices[0].key == app.FINETUNED and choices[0].classes == ("ants", "bees")
+    assert catalog.FINETUNED not in [c.key for c in catalog.model_choices(config)]
+    zoo.save_classifier(zoo.load("lite0", ["ants", "bees"], pretrained=False), catalog.finetuned_path(config))
+    choices = catalog.model_choices(config)
+    assert choices[0].key == catalog.FINETUNED and choices[0].classes == ("ants", "bees")
     assert "efficientnet-lite0" in [c.key for c in choices]
-    monkeypatch.setattr(app, "_discover_models", lambda config: pytest.fail("the cache must answer"))
-    assert app.model_choices(config) == choices
+    monkeypatch.setattr(catalog, "_discover_models", lambda config: pytest.fail("the cache must answer"))
+    assert catalog.model_choices(config) == choices
 
 
-def _canvas(config: CourseConfig, monkeypatch: pytest.MonkeyPatch, stream: FakeStream) -> app.NarrativeCanvas:
-    from course_utils import story
+def _canvas(config: CourseConfig, monkeypatch: pytest.MonkeyPatch, stream: FakeStream) -> NarrativeCanvas:
+    from course_utils.genai import story
 
     monkeypatch.setattr(story, "stream_story", lambda config, labels, **options: stream)
-    canvas = app.NarrativeCanvas(config)
+    canvas = NarrativeCanvas(config)
     canvas.load_images([("a.png", _png()), ("b.png", _png((0, 0, 200)))])
     canvas._classifiers[("m", "r")] = _loaded(["ants", "bees"])
-    canvas.classify(app.ModelChoice("m", "m", "efficientnet-lite0"), app.RuntimeChoice("r", "r", "pytorch", "fp32"))
+    canvas.classify(catalog.ModelChoice("m", "m", "efficientnet-lite0"), catalog.RuntimeChoice("r", "r", "pytorch", "fp32"))
     return canvas
 
 
 def test_the_story_streams_about_the_subjects_and_can_be_cancelled(config: CourseConfig,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from course_utils.story import StoryOptions
+    from course_utils.genai.story import StoryOptions
 
     canvas = _canvas(config, monkeypatch, FakeStream(["An ant ", "found ", "a leaf."], FakeStory()))
     assert canvas.subjects() == ["ants", "bees"]
@@ -160,16 +162,16 @@ def test_the_story_streams_about_the_subjects_and_can_be_cancelled(config: Cours
     assert seen == ["An ant ", "An ant found ", "An ant found a leaf."]
     assert result.text == "An ant found a leaf." and canvas.full_text() == result.text
     canvas = _canvas(config, monkeypatch, FakeStream(["An ant ", "found "], FakeStory()))
-    with pytest.raises(app.Cancelled):
+    with pytest.raises(Cancelled):
         canvas.write_story(StoryOptions(), cancel=lambda: True)
-    with pytest.raises(app.AppError, match="classify the photos first"):
-        app.NarrativeCanvas(config).write_story(StoryOptions())
+    with pytest.raises(catalog.AppError, match="classify the photos first"):
+        NarrativeCanvas(config).write_story(StoryOptions())
 
 
 def test_a_blocked_story_gets_no_picture_and_cannot_be_continued(config: CourseConfig,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from course_utils.imagegen import BlockedStoryError
-    from course_utils.story import StoryOptions
+    from course_utils.genai.imagegen import BlockedStoryError
+    from course_utils.genai.story import StoryOptions
 
     blocked = FakeStory(text="", image_prompt=None, blocked=True, blocked_by="keyword check input")
     canvas = _canvas(config, monkeypatch, FakeStream([], blocked))
@@ -177,13 +179,13 @@ def test_a_blocked_story_gets_no_picture_and_cannot_be_continued(config: CourseC
     assert canvas.write_story(StoryOptions()).blocked
     with pytest.raises(BlockedStoryError):
         canvas.draw()
-    with pytest.raises(app.AppError, match="No story to continue"):
+    with pytest.raises(catalog.AppError, match="No story to continue"):
         canvas.continue_story(StoryOptions())
 
 
 def test_continuing_adds_a_chapter(config: CourseConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    from course_utils import story
-    from course_utils.story import StoryOptions
+    from course_utils.genai import story
+    from course_utils.genai.story import StoryOptions
 
     canvas = _canvas(config, monkeypatch, FakeStream(["Part one."], FakeStory(text="Part one.")))
     canvas.write_story(StoryOptions())
@@ -196,30 +198,30 @@ def test_continuing_adds_a_chapter(config: CourseConfig, monkeypatch: pytest.Mon
 
 def test_tasks_report_results_errors_and_cancellation() -> None:
     results: list = []
-    app.Task("ok", lambda task: 42, results.append, results.append).start().join(5)
-    app.Task("bad", lambda task: 1 / 0, results.append, results.append).start().join(5)
+    Task("ok", lambda task: 42, results.append, results.append).start().join(5)
+    Task("bad", lambda task: 1 / 0, results.append, results.append).start().join(5)
     gate = threading.Event()
 
-    def work(task: app.Task) -> None:
+    def work(task: Task) -> None:
         gate.wait(5)
         task.check()
 
-    cancelled = app.Task("long", work, results.append, results.append).start()
+    cancelled = Task("long", work, results.append, results.append).start()
     cancelled.cancel()
     gate.set()
     cancelled.join(5)
-    assert results[0] == 42 and isinstance(results[1], ZeroDivisionError) and isinstance(results[2], app.Cancelled)
+    assert results[0] == 42 and isinstance(results[1], ZeroDivisionError) and isinstance(results[2], Cancelled)
 
 
 def test_errors_become_messages() -> None:
-    assert app.explain(app.AppError("Upload fewer.")) == "Upload fewer."
-    assert app.explain(KeyError("x")) == "KeyError: 'x' (details in the app log)."
-    assert app.explain(LLMEndpointError("Set llm.base_url.")) == "Set llm.base_url."
+    assert explain(catalog.AppError("Upload fewer.")) == "Upload fewer."
+    assert explain(KeyError("x")) == "KeyError: 'x' (details in the app log)."
+    assert explain(LLMEndpointError("Set llm.base_url.")) == "Set llm.base_url."
 
 
 def test_the_widgets_show_an_error_instead_of_raising(config: CourseConfig) -> None:
     pytest.importorskip("ipywidgets")
-    widget_app = app.NarrativeCanvasApp(config, warm_up=False)
+    widget_app = widgets.NarrativeCanvasApp(config, warm_up=False)
     widget_app._start("classify", widget_app._classify_work)  # no photos yet
     widget_app.task.join(30)
     assert "No photos yet" in widget_app.error.value and widget_app.status.value == "Failed."
@@ -232,32 +234,32 @@ def test_the_widgets_show_an_error_instead_of_raising(config: CourseConfig) -> N
 def test_prepare_demo_reports_every_step_and_writes_a_manifest(config: CourseConfig,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(config: CourseConfig, build: bool) -> tuple[str, str]:
-        raise app.AppError("no disk left")
+        raise catalog.AppError("no disk left")
 
-    monkeypatch.setattr(app, "PREPARE_STEPS", {"good": lambda c, build: ("ready", "here"), "bad": broken,
+    monkeypatch.setattr(demo, "PREPARE_STEPS", {"good": lambda c, build: ("ready", "here"), "bad": broken,
                                                "later": lambda c, build: ("built", "made")})
-    steps = app.prepare_demo(config, build=False)
+    steps = demo.prepare_demo(config, build=False)
     assert [s.status for s in steps] == ["ready", "failed", "built"] and steps[1].detail == "no disk left"
-    assert not app.demo_manifest_path(config).exists()
-    app.prepare_demo(config)
-    manifest = json.loads(app.demo_manifest_path(config).read_text())
+    assert not demo.demo_manifest_path(config).exists()
+    demo.prepare_demo(config)
+    manifest = json.loads(demo.demo_manifest_path(config).read_text())
     assert [s["name"] for s in manifest["steps"]] == ["good", "bad", "later"]
 
 
 def test_the_page_is_served_on_loopback_with_the_same_config(config: CourseConfig) -> None:
-    page = app.write_page(config)
+    page = server.write_page(config)
     notebook = json.loads(page.read_text())
     assert "launch()" in "".join(notebook["cells"][0]["source"])
-    command = app.serve_command(page)
+    command = server.serve_command(page)
     assert "--Voila.ip=127.0.0.1" in command and str(page) in command
-    environ = app.serve_environment(config, {"imagegen.steps": 3, "llm.rails": "none"})
+    environ = server.serve_environment(config, {"imagegen.steps": 3, "llm.rails": "none"})
     assert environ["COURSE_SPEC"] == "smoke" and environ["COURSE_WORKSPACE"] == str(config.workspace)
     assert environ["COURSE_IMAGEGEN__STEPS"] == "3" and environ["COURSE_LLM__RAILS"] == "none"
 
 
 def test_the_demo_exercise_checks_the_set_of_steps() -> None:
-    right = {step for step, ahead in app.DEMO_STEP_QUIZ.items() if ahead}
-    assert app.check_demo_steps(right).passed
-    assert not app.check_demo_steps(right | {"write the story"}).passed
+    right = {step for step, ahead in exercises.DEMO_STEP_QUIZ.items() if ahead}
+    assert exercises.check_demo_steps(right).passed
+    assert not exercises.check_demo_steps(right | {"write the story"}).passed
     with pytest.raises(ExerciseFailed):
-        app.check_demo_steps(right - {"calibrate INT8"}, strict=True)
+        exercises.check_demo_steps(right - {"calibrate INT8"}, strict=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from course_utils.app import CHROMIUM_FLAGS, PageServer
-from course_utils.config import REPO_ROOT, load_config
+from course_utils.app.server import CHROMIUM_FLAGS, PageServer
+from course_utils.core.config import REPO_ROOT, load_config
 
 CHROMIUM = shutil.which("chromium")
 SCREENSHOT = REPO_ROOT / "workspace" / "tests" / "narrative_canvas_e2e.png"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from course_utils.calibration import (
+from course_utils.deploy.calibration import (
     CalibrationCacheKey,
     CalibrationError,
     build_calibration_set,
@@ -21,7 +21,7 @@ from course_utils.calibration import (
     seal_calibration_cache,
     select_calibration_samples,
 )
-from course_utils.zoo import Preprocessing
+from course_utils.vision.zoo import Preprocessing
 
 PREPROCESSING = Preprocessing(input_size=32, resize_short=36)
 
@@ -49,8 +49,8 @@ def samples(tmp_path: Path) -> list[tuple[Path, int]]:
 
 
 def test_calibration_tensors_equal_inference_tensors(samples: list[tuple[Path, int]]) -> None:
-    from course_utils.finetune import ImageSamples
-    from course_utils.runtimes import validation_arrays
+    from course_utils.deploy.runtimes import validation_arrays
+    from course_utils.vision.finetune import ImageSamples
 
     transform = PREPROCESSING.eval_transform()
     calibration = build_calibration_set(samples, transform, None, batch_size=4, seed=1)

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from course_utils.compat import UnsafeCheckpointError, load_checkpoint_safely, patch_numpy_in1d, state_dict_of
+from course_utils.vision.compat import (
+    UnsafeCheckpointError,
+    load_checkpoint_safely,
+    patch_numpy_in1d,
+    state_dict_of,
+)
 
 
 def test_in1d_is_available_and_matches_isin() -> None:

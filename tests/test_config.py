@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from course_utils.config import REPO_ROOT, ConfigError, available_specs, load_config
+from course_utils.core.config import REPO_ROOT, ConfigError, available_specs, load_config
 
 
 def test_shipped_specs_load_and_smoke_inherits_default() -> None:

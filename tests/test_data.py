@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from course_utils import data
-from course_utils.config import CourseConfig
-from course_utils.data import (
+from course_utils.core.config import CourseConfig
+from course_utils.vision import data
+from course_utils.vision.data import (
     DatasetError,
     DatasetIntegrityError,
     RemoteDataset,

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from course_utils.downloads import (
+from course_utils.core.downloads import (
     DownloadError,
     HashMismatchError,
     RemoteFile,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from course_utils import cli
-from course_utils.environment import (
+from course_utils.core.environment import (
     check_online,
     detect_jetson,
     jetpack_for_l4t,

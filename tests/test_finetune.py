@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from course_utils import finetune, zoo
-from course_utils.config import CourseConfig
-from course_utils.data import read_image_folder
+from course_utils.core.config import CourseConfig
+from course_utils.lessons import exercises
+from course_utils.vision import finetune, zoo
+from course_utils.vision.data import read_image_folder
 
 
 @pytest.fixture
@@ -93,8 +94,8 @@ def test_early_stopping_ends_the_fine_tune_phase(tiny_dataset, tiny_config: Cour
 
 def test_head_parameter_exercise() -> None:
     model = zoo.load("lite0", ["a", "b"], pretrained=False)
-    assert finetune.check_head_parameters(model, 1280 * 2 + 2).passed
-    assert not finetune.check_head_parameters(model, 1280 * 2).passed
+    assert exercises.check_head_parameters(model, 1280 * 2 + 2).passed
+    assert not exercises.check_head_parameters(model, 1280 * 2).passed
 
 
 def test_course_model_outside_smoke_mode_names_the_notebook(config: CourseConfig) -> None:

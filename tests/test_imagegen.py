@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from course_utils import imagegen
-from course_utils.config import CourseConfig, ImageGenConfig
-from course_utils.exercises import ExerciseFailed
-from course_utils.imagegen import DeviceInfo, memory_plan
+from course_utils.core.config import CourseConfig, ImageGenConfig
+from course_utils.genai import imagegen
+from course_utils.genai.imagegen import DeviceInfo, memory_plan
+from course_utils.lessons import exercises
+from course_utils.lessons.checks import ExerciseFailed
 
 pytest.importorskip("diffusers")
 
@@ -29,7 +30,7 @@ class Story:
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory: pytest.TempPathFactory) -> imagegen.ImageGenerator:
     """The tiny random pipeline, built once for the module (offline, CPU)."""
-    from course_utils.config import load_config
+    from course_utils.core.config import load_config
 
     torch.set_num_threads(1)
     workspace = tmp_path_factory.mktemp("imagegen") / "workspace"
@@ -92,10 +93,10 @@ def test_guidance_doubles_the_unet_rows_and_the_exercise_checks_it(generator: im
     plain = generator.generate("a cat", steps=3, guidance_scale=0.0, size=64)
     guided = generator.generate("a cat", steps=3, guidance_scale=2.0, size=64)
     assert (plain.unet_rows, guided.unet_rows) == (3, 6)
-    assert imagegen.check_unet_rows(6, guided).passed
-    assert not imagegen.check_unet_rows(3, guided).passed
+    assert exercises.check_unet_rows(6, guided).passed
+    assert not exercises.check_unet_rows(3, guided).passed
     with pytest.raises(ExerciseFailed):
-        imagegen.check_unet_rows(3, guided, strict=True)
+        exercises.check_unet_rows(3, guided, strict=True)
 
 
 def test_progress_is_reported_and_cancel_stops_between_steps(generator: imagegen.ImageGenerator) -> None:
@@ -176,7 +177,7 @@ def test_a_local_folder_is_used_as_given(generator: imagegen.ImageGenerator, con
 
 
 def test_the_round_trip_reports_survival_honestly(generator: imagegen.ImageGenerator) -> None:
-    from course_utils import zoo
+    from course_utils.vision import zoo
 
     classifier = zoo.load("lite0", ["ants", "bees"], pretrained=False)
     generation = generator.generate("an ant", steps=1, size=64)

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from course_utils.atomic import atomic_path
-from course_utils.ledger import Ledger, LedgerError
-from course_utils.report import render_html, render_markdown, write_report
+from course_utils.core.atomic import atomic_path
+from course_utils.core.ledger import Ledger, LedgerError
+from course_utils.core.report import render_html, render_markdown, write_report
 
 
 def test_record_merges_and_stamps(tmp_path: Path) -> None:

@@ -4,8 +4,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_utils.config import CourseConfig
-from course_utils.notebooks import course_notebooks, run_all
+from course_utils.core.config import CourseConfig
+from course_utils.core.notebooks import course_notebooks, run_all
 
 
 def _notebook(path: Path, body: str) -> None:
@@ -22,7 +22,7 @@ def test_run_all_executes_in_order_and_writes_the_report(tmp_path: Path, config:
     folder = tmp_path / "notebooks"
     folder.mkdir()
     monkeypatch.setenv("COURSE_WORKSPACE", str(config.workspace))
-    record = ("from course_utils.config import load_config\nfrom course_utils.ledger import Ledger\n"
+    record = ("from course_utils.core.config import load_config\nfrom course_utils.core.ledger import Ledger\n"
               "c = load_config(SPEC)\nLedger(c.workspace).record('{stage}', {{'spec': SPEC, 'order': {order}}})")
     _notebook(folder / "01_second.ipynb", record.format(stage="finetune", order=2))
     _notebook(folder / "00_first.ipynb", record.format(stage="environment", order=1))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from course_utils.config import REPO_ROOT
-from course_utils.notebooks import NOTEBOOK_NAME, NOTEBOOKS_DIR, course_notebooks, run_notebook
+from course_utils.core.config import REPO_ROOT
+from course_utils.core.notebooks import NOTEBOOK_NAME, NOTEBOOKS_DIR, course_notebooks, run_notebook
 
 NOTEBOOKS = course_notebooks()
 TEST_WORKSPACE = REPO_ROOT / "workspace" / "tests"

@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from course_utils import graph_optimize as go
-from course_utils import onnx_export as ox
-from course_utils import zoo
-from course_utils.config import CourseConfig, load_config
-from course_utils.exercises import ExerciseFailed
-from course_utils.ledger import Ledger
+from course_utils.core.config import CourseConfig, load_config
+from course_utils.core.ledger import Ledger
+from course_utils.deploy import graph_optimize as go
+from course_utils.deploy import onnx_export as ox
+from course_utils.lessons import exercises
+from course_utils.lessons.checks import ExerciseFailed
+from course_utils.vision import zoo
 
 SMALL = 64  # EfficientNet-Lite is fully convolutional: a small input keeps every export fast
 
@@ -98,7 +99,7 @@ def test_static_batch_is_caught(lite0: zoo.Classifier, tmp_path: Path) -> None:
 
 
 def _tiny_swin() -> nn.Module:
-    from course_utils.compat import import_mmpretrain
+    from course_utils.vision.compat import import_mmpretrain
 
     import_mmpretrain()
     from mmpretrain.models.backbones import SwinTransformer
@@ -298,7 +299,7 @@ def test_stage_metrics_fit_the_ledger(built: ox.OnnxArtifacts, stage_config: Cou
 
 
 def test_deployed_model_prefers_the_pruned_model(config: CourseConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    from course_utils import finetune
+    from course_utils.vision import finetune
 
     monkeypatch.setattr(finetune, "course_model", lambda cfg: "finetuned model")
     assert ox.deployed_model(config) == ("finetuned model", "finetuned")
@@ -308,23 +309,23 @@ def test_deployed_model_prefers_the_pruned_model(config: CourseConfig, monkeypat
         ox.deployed_model(config)
     pruned.parent.mkdir(parents=True, exist_ok=True)
     pruned.write_bytes(b"weights")
-    fake = types.ModuleType("course_utils.prune")
+    fake = types.ModuleType("course_utils.vision.prune")
     fake.load_pruned = lambda path: f"pruned model from {Path(path).name}"  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "course_utils.prune", fake)
+    monkeypatch.setitem(sys.modules, "course_utils.vision.prune", fake)
     assert ox.deployed_model(config) == ("pruned model from pruned.pt", "pruned")
 
 
 def test_exercise_checks(lite0_onnx: Path, built: ox.OnnxArtifacts) -> None:
-    assert not ox.check_batch_dimension(lite0_onnx, None).passed
-    assert not ox.check_batch_dimension(lite0_onnx, 1).passed
-    assert ox.check_batch_dimension(lite0_onnx, "batch", strict=True).passed
+    assert not exercises.check_batch_dimension(lite0_onnx, None).passed
+    assert not exercises.check_batch_dimension(lite0_onnx, 1).passed
+    assert exercises.check_batch_dimension(lite0_onnx, "batch", strict=True).passed
     with pytest.raises(ExerciseFailed):
-        ox.check_batch_dimension(lite0_onnx, 8, strict=True)
+        exercises.check_batch_dimension(lite0_onnx, 8, strict=True)
     sanitize = next(r for r in built.steps if r["run"] == "single" and r["step"] == "sanitize")
     delta = go.histogram_delta(built.stats("raw"), go.GraphStats(sanitize["nodes"], sanitize["ops"]))
     most = min(delta, key=lambda op: delta[op])
-    assert ox.check_most_folded_op(built, most, strict=True).passed
-    assert not ox.check_most_folded_op(built, "Conv").passed
+    assert exercises.check_most_folded_op(built, most, strict=True).passed
+    assert not exercises.check_most_folded_op(built, "Conv").passed
 
 
 def test_cli_has_the_export_command() -> None:

@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from course_utils import ptq
-from course_utils.calibration import CalibrationSet
-from course_utils.config import CourseConfig, load_config
-from course_utils.downloads import sha256_file
-from course_utils.ledger import Ledger, LedgerError
-from course_utils.ptq import QuantizationError, Recipe, VariantResult
-from course_utils.tensorrt_engines import EngineBuildError, Gpu, OnnxModel
+from course_utils.core.config import CourseConfig, load_config
+from course_utils.core.downloads import sha256_file
+from course_utils.core.ledger import Ledger, LedgerError
+from course_utils.deploy import ptq
+from course_utils.deploy.calibration import CalibrationSet
+from course_utils.deploy.ptq import QuantizationError, Recipe, VariantResult
+from course_utils.deploy.tensorrt_engines import EngineBuildError, Gpu, OnnxModel
+from course_utils.lessons import exercises
 
 SIZE = 32
 
@@ -52,7 +53,7 @@ def quick(tmp_path: Path) -> CourseConfig:
 
 
 def fp32_labels(model: OnnxModel, data: np.ndarray) -> np.ndarray:
-    from course_utils.runtimes import OrtRunner
+    from course_utils.deploy.runtimes import OrtRunner
 
     with OrtRunner(model.path) as runner:
         return runner.run(data).argmax(-1)
@@ -122,7 +123,7 @@ def test_modelopt_makes_symmetric_s8_qdq_and_leaves_its_input_alone(tiny: OnnxMo
                                                                     tmp_path: Path) -> None:
     from onnx import TensorProto
 
-    from course_utils.runtimes import OrtRunner
+    from course_utils.deploy.runtimes import OrtRunner
 
     before = sha256_file(tiny.path)
     made = ptq.quantize(tiny, Recipe("modelopt", "max", "s8", "tensorrt"), calibration, tmp_path)
@@ -199,7 +200,7 @@ def test_implicit_int8_plans_give_each_calibrator_its_own_cache(tiny: OnnxModel,
 def test_implicit_builds_hand_each_plan_the_calibration_set(tiny: OnnxModel, calibration: CalibrationSet,
                                                              quick: CourseConfig, monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
-    from course_utils import tensorrt_engines as te
+    from course_utils.deploy import tensorrt_engines as te
 
     plans = ptq.implicit_int8_plans(tiny, calibration, quick, "10.3.0", ORIN)
     seen: list[tuple[str, Path, int]] = []
@@ -218,8 +219,8 @@ def test_calibration_batch_is_the_last_profiles_opt(quick: CourseConfig) -> None
 
 
 def test_quantization_steps_exercise() -> None:
-    assert not ptq.check_quantization_steps(None).passed
-    assert not ptq.check_quantization_steps({"s8": 6 / 128, "u8": 6 / 256}).passed
-    assert ptq.check_quantization_steps({"s8": 6 / 127, "u8": 6 / 255}).passed
+    assert not exercises.check_quantization_steps(None).passed
+    assert not exercises.check_quantization_steps({"s8": 6 / 128, "u8": 6 / 256}).passed
+    assert exercises.check_quantization_steps({"s8": 6 / 127, "u8": 6 / 255}).passed
     with pytest.raises(AssertionError):
-        ptq.check_quantization_steps({"s8": 6 / 255, "u8": 6 / 127}, strict=True)
+        exercises.check_quantization_steps({"s8": 6 / 255, "u8": 6 / 127}, strict=True)

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from course_utils import qat
-from course_utils.calibration import CalibrationSet
-from course_utils.config import CourseConfig
+from course_utils.core.config import CourseConfig
+from course_utils.deploy import qat
+from course_utils.deploy.calibration import CalibrationSet
+from course_utils.lessons import exercises
 
 SIZE = 32
 
@@ -117,7 +118,7 @@ def test_qat_settings_and_run_folders(config: CourseConfig, calibration: Calibra
 
 
 def test_qat_result_figures(tmp_path: Path) -> None:
-    from course_utils.ledger import Ledger
+    from course_utils.core.ledger import Ledger
 
     parity = qat.Parity(0.01, 3.0, 1.0, 1.0, 0, 10)
     result = qat.QatResult(0.9, 0.85, 0.91, 0.9, 1, tmp_path / "q.onnx", parity, 6)
@@ -129,8 +130,8 @@ def test_qat_result_figures(tmp_path: Path) -> None:
 
 
 def test_fake_quant_exercise() -> None:
-    assert not qat.check_fake_quant(None).passed
-    assert not qat.check_fake_quant(0.1234).passed
-    assert qat.check_fake_quant(16 / 127).passed
+    assert not exercises.check_fake_quant(None).passed
+    assert not exercises.check_fake_quant(0.1234).passed
+    assert exercises.check_fake_quant(16 / 127).passed
     with pytest.raises(AssertionError):
-        qat.check_fake_quant(15 / 127, strict=True)
+        exercises.check_fake_quant(15 / 127, strict=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from course_utils import runtimes as rt
-from course_utils.ledger import Ledger
-from course_utils.runtimes import (
+from course_utils.core.ledger import Ledger
+from course_utils.deploy import runtimes as rt
+from course_utils.deploy.runtimes import (
     Latency,
     OrtRunner,
     Runner,
@@ -18,6 +18,7 @@ from course_utils.runtimes import (
     RuntimeUnavailableError,
     TorchRunner,
 )
+from course_utils.lessons import exercises
 
 torch = pytest.importorskip("torch")
 
@@ -134,11 +135,11 @@ def result(key: str, p50_ms: float) -> RuntimeResult:
 def test_speedup_and_its_exercise() -> None:
     results = [result("pytorch_fp32", 250.0), result("onnxruntime_fp32", 100.0)]
     assert rt.speedup(results, "onnxruntime_fp32", "pytorch_fp32") == pytest.approx(2.5)
-    assert rt.check_speedup(2.5, results).passed
-    assert not rt.check_speedup(0.4, results).passed
-    assert not rt.check_speedup(None, results).passed
+    assert exercises.check_speedup(2.5, results).passed
+    assert not exercises.check_speedup(0.4, results).passed
+    assert not exercises.check_speedup(None, results).passed
     with pytest.raises(AssertionError):
-        rt.check_speedup(1.0, results, strict=True)
+        exercises.check_speedup(1.0, results, strict=True)
 
 
 def test_compare_threads_closes_each_runner() -> None:

@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from course_utils import speech
-from course_utils.config import CourseConfig, SpeechConfig
-from course_utils.exercises import ExerciseFailed
+from course_utils.core.config import CourseConfig, SpeechConfig
+from course_utils.genai import speech
+from course_utils.lessons import exercises
+from course_utils.lessons.checks import ExerciseFailed
 
 offline_speech = pytest.mark.skipif(
     importlib.util.find_spec("piper") is None or importlib.util.find_spec("faster_whisper") is None,
@@ -55,11 +56,11 @@ def test_wer_refuses_undefined_or_unpaired_input() -> None:
 
 def test_check_wer_passes_the_right_answer_and_fails_a_wrong_one() -> None:
     reference, hypothesis = "the quick fox jumped over the lazy dog", "a fox jumped over the lazy dogs"
-    assert speech.check_wer(3 / 8, reference, hypothesis).passed
-    assert not speech.check_wer(2 / 8, reference, hypothesis).passed
-    assert not speech.check_wer(None, reference, hypothesis).passed
+    assert exercises.check_wer(3 / 8, reference, hypothesis).passed
+    assert not exercises.check_wer(2 / 8, reference, hypothesis).passed
+    assert not exercises.check_wer(None, reference, hypothesis).passed
     with pytest.raises(ExerciseFailed):
-        speech.check_wer(3 / 7, reference, hypothesis, strict=True)
+        exercises.check_wer(3 / 7, reference, hypothesis, strict=True)
 
 
 # --- text helpers and the story -------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def _fake_story_stage(monkeypatch: pytest.MonkeyPatch, **result: object) -> list
             raise result["error"]  # type: ignore[misc]
         return SimpleNamespace(endpoint="local smollm2", rails="deterministic", **result)
 
-    monkeypatch.setitem(sys.modules, "course_utils.story", SimpleNamespace(generate_story=generate_story))
+    monkeypatch.setitem(sys.modules, "course_utils.genai.story", SimpleNamespace(generate_story=generate_story))
     return calls
 
 

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from course_utils import tensorrt_engines as te
-from course_utils.config import CourseConfig, load_config
-from course_utils.ledger import Ledger
-from course_utils.tensorrt_engines import (
+from course_utils.core.config import CourseConfig, load_config
+from course_utils.core.ledger import Ledger
+from course_utils.deploy import tensorrt_engines as te
+from course_utils.deploy.tensorrt_engines import (
     BatchProfile,
     CacheKey,
     EngineBuildError,
@@ -24,6 +24,7 @@ from course_utils.tensorrt_engines import (
     engine_filename,
     plan_engine,
 )
+from course_utils.lessons import exercises
 
 ORIN = Gpu("NVIDIA Jetson Orin Nano", "8.7")
 RTX = Gpu("NVIDIA GeForce RTX 4090", "8.9")
@@ -295,11 +296,11 @@ def test_calibration_set_uses_the_last_profiles_opt_batch(tmp_path: Path) -> Non
 
 def test_profile_shape_exercise(config: CourseConfig) -> None:
     right = {"min": (1, 3, 224, 224), "opt": (4, 3, 224, 224), "max": (8, 3, 224, 224)}
-    assert te.check_profile_shapes(right, config, 224).passed
-    assert not te.check_profile_shapes({**right, "opt": (8, 3, 224, 224)}, config, 224).passed
-    assert not te.check_profile_shapes(None, config, 224).passed
+    assert exercises.check_profile_shapes(right, config, 224).passed
+    assert not exercises.check_profile_shapes({**right, "opt": (8, 3, 224, 224)}, config, 224).passed
+    assert not exercises.check_profile_shapes(None, config, 224).passed
     with pytest.raises(AssertionError):
-        te.check_profile_shapes({**right, "max": (1, 3, 224, 224)}, config, 224, strict=True)
+        exercises.check_profile_shapes({**right, "max": (1, 3, 224, 224)}, config, 224, strict=True)
 
 
 def test_sidecar_is_plain_json(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import ast
 import importlib.util
 from pathlib import Path
 
-from course_utils.config import REPO_ROOT
+from course_utils.core.config import REPO_ROOT
 
 _spec = importlib.util.spec_from_file_location("tensorrt_stubs_tool", REPO_ROOT / "tools" / "tensorrt_stubs.py")
 assert _spec is not None and _spec.loader is not None

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 from skimage import data as sample_photos
 
-from course_utils import zoo
-from course_utils.exercises import ExerciseFailed
+from course_utils.lessons import exercises
+from course_utils.lessons.checks import ExerciseFailed
+from course_utils.vision import zoo
 
 
 def test_registry_covers_the_course_backbones() -> None:
@@ -94,7 +95,7 @@ def test_saved_classifier_rebuilds_identically(tmp_path: Path) -> None:
 
 def test_normalisation_exercise() -> None:
     model = zoo.load("lite0", pretrained=False)
-    assert zoo.check_normalised_white(model, 1.0).passed
-    assert not zoo.check_normalised_white(model, 2.2489).passed
+    assert exercises.check_normalised_white(model, 1.0).passed
+    assert not exercises.check_normalised_white(model, 2.2489).passed
     with pytest.raises(ExerciseFailed):
-        zoo.check_normalised_white(model, 0.5, strict=True)
+        exercises.check_normalised_white(model, 0.5, strict=True)

@@ -1,0 +1,266 @@
+"""The app's logic without widgets: ``NarrativeCanvas`` (every button calls one of its methods) and ``Task``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from course_utils.core.config import CourseConfig
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from course_utils.genai.imagegen import Generation, ImageGenerator, RoundTrip
+    from course_utils.genai.story import StoryOptions, StoryResult
+
+from course_utils.app.catalog import (
+    AppError,
+    LoadedClassifier,
+    ModelChoice,
+    RuntimeChoice,
+    classify,
+    decode_uploads,
+    model_choices,
+    open_classifier,
+    runtime_choices,
+)
+
+# --- The app's logic -----------------------------------------------------------------------------------------
+
+
+class Cancelled(RuntimeError):
+    """The user pressed Cancel."""
+
+
+def story_catalog() -> dict[str, list[tuple[str, str]]]:
+    """The story step's choices as (label, value) pairs for dropdowns: styles, themes, languages, lengths."""
+    from course_utils.genai.story import load_catalog
+
+    catalog = load_catalog()
+    return {"styles": [(key.replace("_", " "), key) for key in catalog.styles],
+            "themes": [(key, key) for key in catalog.themes],
+            "languages": [(name, key) for key, name in catalog.languages.items()],
+            "lengths": [(key, key) for key in catalog.lengths]}
+
+
+@dataclass
+class NarrativeCanvas:
+    """The app without its widgets: every button of ``NarrativeCanvasApp`` calls one method of this class."""
+
+    config: CourseConfig
+    images: list[tuple[str, Image]] = field(default_factory=list)
+    predictions: list[list[tuple[str, float]]] = field(default_factory=list)
+    story: Any = None
+    chapters: list[str] = field(default_factory=list)
+    generation: Generation | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    _classifiers: dict[tuple[str, str], LoadedClassifier] = field(default_factory=dict, repr=False)
+    _last_classifier: LoadedClassifier | None = field(default=None, repr=False)
+    _generator: ImageGenerator | None = field(default=None, repr=False)
+    _classifier_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _generator_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def max_images(self) -> int:
+        """How many images one upload may hold: the engines' largest batch."""
+        return self.config.engine.batch_max
+
+    def models(self) -> list[ModelChoice]:
+        """The classifiers this machine can run."""
+        return model_choices(self.config)
+
+    def runtimes(self, model: ModelChoice) -> list[RuntimeChoice]:
+        """The runtimes ``model`` has artifacts for."""
+        return runtime_choices(self.config, model)
+
+    def load_images(self, files: Sequence[tuple[str, bytes]]) -> list[str]:
+        """Take an upload (name, bytes) as the new photos; everything downstream starts over."""
+        self.images = decode_uploads(files, self.max_images)
+        self.predictions, self.story, self.chapters, self.generation = [], None, [], None
+        return [name for name, _ in self.images]
+
+    def classifier(self, model: ModelChoice, runtime: RuntimeChoice) -> LoadedClassifier:
+        """The loaded classifier for this choice (loaded once, then reused)."""
+        with self._classifier_lock:
+            key = (model.key, runtime.key)
+            if key not in self._classifiers:
+                self._classifiers[key] = open_classifier(self.config, model, runtime)
+            return self._classifiers[key]
+
+    def classify(self, model: ModelChoice, runtime: RuntimeChoice) -> list[list[tuple[str, float]]]:
+        """Top-5 of every uploaded photo with the chosen model and runtime."""
+        if not self.images:
+            raise AppError("No photos yet: upload one or more images first.")
+        loaded = self.classifier(model, runtime)
+        started = time.perf_counter()
+        self.predictions = classify(loaded, [image for _, image in self.images])
+        self.timings["classify_ms"] = (time.perf_counter() - started) * 1000
+        self._last_classifier = loaded
+        return self.predictions
+
+    def subjects(self) -> list[str]:
+        """The story's subjects: each photo's top-1 label, once each, in upload order."""
+        return list(dict.fromkeys(top[0][0] for top in self.predictions))
+
+    def write_story(self, options: StoryOptions, on_text: Callable[[str], None] | None = None,
+                    cancel: Callable[[], bool] | None = None) -> StoryResult:
+        """A guarded story about the photos' subjects, streamed: ``on_text`` gets the text so far after each
+        chunk (already past the output rails); ``cancel()`` returning True stops it with ``Cancelled``."""
+        from course_utils.genai.story import stream_story
+
+        if not self.predictions:
+            raise AppError("No labels yet: classify the photos first.")
+        started = time.perf_counter()
+        stream = stream_story(self.config, self.subjects(), options=options)
+        chunks = iter(stream)
+        text = ""
+        try:
+            for chunk in chunks:
+                if cancel is not None and cancel():
+                    raise Cancelled("Story cancelled.")
+                text += chunk
+                if on_text is not None:
+                    on_text(text)
+        finally:
+            getattr(chunks, "close", lambda: None)()
+        self.story = stream.result
+        self.chapters = [] if self.story.blocked else [self.story.text]
+        self.generation = None
+        self.timings["story_seconds"] = time.perf_counter() - started
+        return self.story
+
+    def continue_story(self, options: StoryOptions, on_text: Callable[[str], None] | None = None,
+                       cancel: Callable[[], bool] | None = None) -> StoryResult:
+        """The next part of the story (through the same rails); the picture step then draws that part."""
+        from course_utils.genai.story import continue_story
+
+        if self.story is None or self.story.blocked or not self.chapters:
+            raise AppError("No story to continue: write a story first (a blocked story cannot go on).")
+        started = time.perf_counter()
+        result = continue_story(self.config, self.story, options.instruction)
+        if cancel is not None and cancel():
+            raise Cancelled("Continuation cancelled.")
+        self.timings["continue_seconds"] = time.perf_counter() - started
+        if not result.blocked:
+            self.story = result
+            self.chapters.append(result.text)
+            self.generation = None
+        if on_text is not None:
+            on_text(self.full_text())
+        return result
+
+    def full_text(self) -> str:
+        """Every part of the story so far, one paragraph each."""
+        return "\n\n".join(self.chapters)
+
+    def warm_up(self, model: ModelChoice | None = None, runtime: RuntimeChoice | None = None,
+                say: Callable[[str], None] = lambda message: None) -> None:
+        """Load the classifier, start the story model and load the picture model, so the first clicks are quick."""
+        from course_utils.genai.story import storyteller
+
+        if model is not None and runtime is not None:
+            say("Warming up: loading the classifier…")
+            self.classifier(model, runtime)
+        say("Warming up: starting the story model…")
+        storyteller(self.config).warm_up()
+        say("Warming up: loading the picture model…")
+        self.generator()
+        say("Ready.")
+
+    def generator(self) -> ImageGenerator:
+        """The text-to-image pipeline (loaded on first use; ``prepare-demo`` has it on disk already)."""
+        from course_utils.genai.imagegen import load_generator
+
+        with self._generator_lock:
+            if self._generator is None:
+                self._generator = load_generator(self.config)
+            return self._generator
+
+    def draw(self, on_step: Callable[[int, int], None] | None = None,
+             cancel: Callable[[], bool] | None = None) -> Generation:
+        """The picture of the current story; a blocked story raises ``BlockedStoryError`` and draws nothing."""
+        from course_utils.genai.imagegen import picture_for_story
+
+        if self.story is None:
+            raise AppError("No story yet: write a story first.")
+        generator = self.generator()
+        self.generation = picture_for_story(generator, self.story, self.config.imagegen, on_step, cancel)
+        self.timings["picture_seconds"] = self.generation.seconds
+        return self.generation
+
+    def round_trip(self) -> RoundTrip | None:
+        """Classify the picture with the classifier and runtime used for the photos (None before both exist)."""
+        from course_utils.genai.imagegen import judge_round_trip
+
+        loaded = self._last_classifier
+        if self.generation is None or loaded is None or not self.subjects():
+            return None
+        predictions = classify(loaded, [self.generation.image])[0]
+        return judge_round_trip(self.subjects()[0], predictions, len(loaded.classes), self.generation.real_weights)
+
+
+# --- Long steps on a worker thread ---------------------------------------------------------------------------
+
+
+class Task:
+    """A long step on a daemon thread; ``cancel()`` asks it to stop at its next check of ``cancelled``."""
+
+    def __init__(self, name: str, work: Callable[[Task], Any], on_done: Callable[[Any], None],
+                 on_error: Callable[[BaseException], None]) -> None:
+        self.name = name
+        self._work, self._on_done, self._on_error = work, on_done, on_error
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"narrative-canvas-{name}", daemon=True)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once ``cancel()`` was called."""
+        return self._cancel.is_set()
+
+    def check(self) -> None:
+        """Raise ``Cancelled`` when the user cancelled (call it between units of work)."""
+        if self.cancelled:
+            raise Cancelled(f"{self.name} cancelled.")
+
+    def cancel(self) -> None:
+        """Ask the work to stop."""
+        self._cancel.set()
+
+    def start(self) -> Task:
+        """Run the work on its thread."""
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the work to finish."""
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        """True while the work runs."""
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            result = self._work(self)
+        except BaseException as error:  # noqa: BLE001 - every failure is shown in the app, never lost on a thread
+            self._on_error(error)
+        else:
+            self._on_done(result)
+
+
+def explain(error: BaseException) -> str:
+    """The message the app shows for an error: the course's own errors say how to fix them."""
+    from course_utils.core.config import ConfigError
+    from course_utils.deploy.runtimes import RuntimeUnavailableError
+    from course_utils.genai.imagegen import ImageGenError
+    from course_utils.genai.llm import LLMEndpointError
+
+    known = (AppError, Cancelled, ImageGenError, LLMEndpointError, RuntimeUnavailableError, ConfigError)
+    # zoo's error is matched by name: importing zoo loads PyTorch, too much to format a message.
+    if isinstance(error, known) or type(error).__name__ == "WeightsUnavailableError":
+        return str(error)
+    return f"{type(error).__name__}: {error} (details in the app log)."

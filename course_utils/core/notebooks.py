@@ -1,0 +1,75 @@
+"""Run the course's notebooks headless with papermill, in order, and build the report."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from course_utils.core.config import REPO_ROOT, CourseConfig
+from course_utils.core.ledger import Ledger
+from course_utils.core.report import write_report
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+NOTEBOOK_NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
+
+
+@dataclass
+class NotebookRun:
+    notebook: Path
+    output: Path
+    seconds: float
+
+
+def course_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The numbered notebooks (``NN_name.ipynb``), in course order."""
+    return sorted(p for p in folder.glob("*.ipynb") if NOTEBOOK_NAME.match(p.name))
+
+
+def notebook_parameters(config: CourseConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The papermill parameters every notebook takes: its spec, plus any extra overrides."""
+    return {"SPEC": config.spec, **(extra or {})}
+
+
+def run_notebook(notebook: Path, output: Path, parameters: Mapping[str, Any], cwd: Path = NOTEBOOKS_DIR,
+                 timeout_s: int = 1800) -> NotebookRun:
+    """Execute one notebook with papermill, writing the executed copy to ``output``."""
+    import papermill
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    papermill.execute_notebook(
+        str(notebook), str(output), parameters=dict(parameters), cwd=str(cwd),
+        kernel_name="python3", progress_bar=False, execution_timeout=timeout_s,
+    )
+    return NotebookRun(notebook, output, time.perf_counter() - started)
+
+
+def run_all(config: CourseConfig, only: list[str] | None = None, folder: Path = NOTEBOOKS_DIR) -> Path:
+    """The main job: run every notebook (or those whose names start with ``only``), then write the report.
+
+    Returns the run folder, ``<workspace>/runs/<timestamp>``, which holds the executed notebooks,
+    ``report.md`` and ``report.html``.
+    """
+    run_dir = config.workspace / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    runs = []
+    for notebook in course_notebooks(folder):
+        if only and not any(notebook.name.startswith(prefix) for prefix in only):
+            continue
+        print(f"▶ {notebook.name}", flush=True)
+        run = run_notebook(notebook, run_dir / notebook.name, notebook_parameters(config), cwd=folder)
+        print(f"  done in {run.seconds:.0f} s", flush=True)
+        runs.append(run)
+    ledger = Ledger(config.workspace)
+    ledger.record("course", {
+        "spec": config.spec,
+        "notebooks": {run.notebook.stem: round(run.seconds, 1) for run in runs},
+        "total_seconds": round(sum(run.seconds for run in runs), 1),
+    })
+    markdown, page = write_report(ledger.read(), run_dir)
+    print(f"Report: {markdown}\n        {page}")
+    return run_dir

@@ -1,0 +1,423 @@
+"""INT8 post-training quantization (PTQ) of the course's FP32 ONNX: one INT8 model per runtime, measured.
+
+An INT8 model is made *for a runtime*. ONNX Runtime on an x86 CPU has fast integer kernels only for
+unsigned 8-bit activations with signed 8-bit weights (U8S8), so the CPU models come from ONNX
+Runtime's ``quantize_static`` with U8 activations. TensorRT wants symmetric signed 8-bit Q/DQ pairs
+(S8S8, zero point 0), which NVIDIA ModelOpt's ONNX PTQ makes; on ONNX Runtime's CPU kernels that
+same model runs *slower* than FP32. The course makes both, plus a TensorRT-style S8S8 model from
+ONNX Runtime, and measures all of them on the same validation images and the same CPU.
+
+Every INT8 file is cached in ``<workspace>/int8`` under a name and a sidecar keyed by the FP32
+model's hash, the recipe, the calibration set's hash and the tool versions: a rerun reuses what is
+still valid and rebuilds what is stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from course_utils.core.atomic import atomic_path
+from course_utils.core.config import CourseConfig, QuantConfig
+from course_utils.core.environment import package_version
+from course_utils.core.sealed_cache import cache_state, seal, sidecar
+from course_utils.deploy.calibration import (
+    CALIBRATORS,
+    CalibrationCacheKey,
+    CalibrationSet,
+    Calibrator,
+    calibration_cache_path,
+)
+from course_utils.deploy.tensorrt_engines import PTQ_QDQ_KEY, OnnxModel
+
+Tool = Literal["onnxruntime", "modelopt"]
+ARTIFACT_FORMAT = 1  # bump when the way an INT8 file is made changes in a way its key cannot see
+ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+MODELOPT_METHODS = ("max", "entropy")
+LATENCY_BATCHES = (1, 8)
+
+
+class QuantizationError(RuntimeError):
+    """A quantization that cannot run as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one INT8 variant is made: the tool, its calibration method, the activation type, the runtime it is for.
+
+    Weights are always signed 8-bit, per output channel (depthwise convolutions need per-channel scales).
+    """
+
+    tool: Tool
+    method: str
+    activations: Literal["u8", "s8"] = "u8"
+    target: Literal["cpu", "tensorrt"] = "cpu"
+
+    def __post_init__(self) -> None:
+        methods = ORT_METHODS if self.tool == "onnxruntime" else MODELOPT_METHODS
+        if self.method not in methods:
+            raise QuantizationError(f"{self.tool} has no calibration method {self.method!r}: "
+                                    f"choose {', '.join(methods)}.")
+        if self.tool == "modelopt" and (self.activations, self.target) != ("s8", "tensorrt"):
+            raise QuantizationError("ModelOpt's ONNX PTQ makes symmetric S8 Q/DQ for TensorRT only.")
+
+    @property
+    def name(self) -> str:
+        """``ort-u8s8-minmax``, ``ort-s8s8-minmax``, ``modelopt-entropy``."""
+        return f"ort-{self.activations}s8-{self.method}" if self.tool == "onnxruntime" else f"modelopt-{self.method}"
+
+
+def course_recipes(quant: QuantConfig) -> list[Recipe]:
+    """The CPU models (U8S8, each configured method), ONNX Runtime's TensorRT-style S8S8 (symmetric, zero point 0)
+    for contrast, and ModelOpt's Q/DQ for TensorRT (max, entropy)."""
+    cpu = [Recipe("onnxruntime", method) for method in quant.methods]
+    contrast = Recipe("onnxruntime", quant.methods[0], "s8", "tensorrt")  # TensorRT-style S8S8, run on the CPU
+    return cpu + [contrast] + [Recipe("modelopt", method, "s8", "tensorrt") for method in MODELOPT_METHODS]
+
+
+def tool_versions(tool: Tool) -> dict[str, str | None]:
+    """The versions an INT8 file made by ``tool`` depends on."""
+    names = ["onnx", "onnxruntime"] + (["modelopt"] if tool == "modelopt" else [])
+    return {name: package_version(name) for name in names}
+
+
+def artifact_key(model: OnnxModel, recipe: Recipe, calibration: CalibrationSet) -> dict[str, Any]:
+    """Everything an INT8 file depends on: a change in any of it means a rebuild."""
+    return {"format": ARTIFACT_FORMAT, "model_sha256": model.sha256, "recipe": asdict(recipe),
+            "calibration_sha256": calibration.sha256, "calibration_images": len(calibration),
+            "batch_size": calibration.batch_size, "seed": calibration.seed, "versions": tool_versions(recipe.tool)}
+
+
+def key_digest(key: dict[str, Any]) -> str:
+    """A short, stable hash of a key, for file names."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def reusable(path: Path, key: dict[str, Any]) -> bool:
+    """True when ``path`` exists and its sidecar records ``key`` and the file's current hash."""
+    return cache_state(path, key) == "valid"
+
+
+def build_or_reuse(path: Path, key: dict[str, Any], make: Callable[[Path], None], force: bool = False) -> bool:
+    """Reuse ``path`` when its sidecar matches ``key``; else ``make(tmp)`` writes it atomically. True if reused."""
+    if not force and reusable(path, key):
+        return True
+    sidecar(path).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        make(tmp)
+    seal(path, key)
+    return False
+
+
+def int8_dir(config: CourseConfig) -> Path:
+    """Where the INT8 models of notebooks 06 and 07 live."""
+    return config.workspace / "int8"
+
+
+@contextlib.contextmanager
+def quiet_quantizers() -> Iterator[None]:
+    """Silence the quantizers' chatter: ONNX Runtime logs every bias scale it adjusts and prints progress,
+    ModelOpt draws progress bars and reports the GPU it cannot find. Failures still raise."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+@dataclass(frozen=True)
+class Int8Model:
+    """An INT8 ONNX on disk: its recipe, how many images calibrated it, how long it took, whether it was reused."""
+
+    recipe: Recipe
+    path: Path
+    calibration_images: int
+    seconds: float
+    reused: bool
+
+
+def quantize(model: OnnxModel, recipe: Recipe, calibration: CalibrationSet, folder: Path,
+             force: bool = False) -> Int8Model:
+    """Make (or reuse) the INT8 ONNX of ``model`` for ``recipe``, calibrated on ``calibration``."""
+    key = artifact_key(model, recipe, calibration)
+    path = Path(folder) / f"{model.sha256[:12]}_{recipe.name}_{key_digest(key)}.onnx"
+    make = _quantize_onnxruntime if recipe.tool == "onnxruntime" else _quantize_modelopt
+    started = time.perf_counter()
+    with quiet_quantizers():
+        reused = build_or_reuse(path, key, lambda out: make(model, recipe, calibration, out), force)
+    return Int8Model(recipe, path, len(calibration), time.perf_counter() - started, reused)
+
+
+def _quantize_onnxruntime(model: OnnxModel, recipe: Recipe, calibration: CalibrationSet, output: Path) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(model.path), str(output), calibration.onnxruntime_reader(), quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8 if recipe.activations == "u8" else QuantType.QInt8,
+        weight_type=QuantType.QInt8, per_channel=True,
+        calibrate_method=getattr(CalibrationMethod, ORT_METHODS[recipe.method]),
+        # ActivationSymmetric: S8 as TensorRT wants it, zero point 0. CalibStridedMinMax=1 feeds the calibrator one
+        # batch at a time (for every method, despite its name): the histogram methods otherwise hold every
+        # activation of every image at once (16 GB for 244 images with Percentile).
+        extra_options={"ActivationSymmetric": recipe.activations == "s8", "CalibStridedMinMax": 1},
+    )
+
+
+def modelopt_command(source: Path, output: Path, calibration_data: Path, method: str, input_name: str,
+                     calibration_shape: tuple[int, ...]) -> list[str]:
+    """ModelOpt's ONNX PTQ command line: symmetric INT8 Q/DQ for TensorRT, calibrated on the CPU."""
+    return [sys.executable, "-m", "modelopt.onnx.quantization", "--onnx_path", str(source), "--quantize_mode", "int8",
+            "--calibration_method", method, "--calibration_data_path", str(calibration_data),
+            "--calibration_shapes", f"{input_name}:{'x'.join(map(str, calibration_shape))}",
+            "--calibration_eps", "cpu", "--high_precision_dtype", "fp32", "--output_path", str(output),
+            "--log_level", "WARNING"]
+
+
+def _quantize_modelopt(model: OnnxModel, recipe: Recipe, calibration: CalibrationSet, output: Path) -> None:
+    # In a separate process: ModelOpt patches ONNX Runtime's quantization classes when it runs, and ONNX Runtime's
+    # own quantize_static in the same process then fails ("Quantization parameters are not specified").
+    if importlib.util.find_spec("modelopt") is None:
+        raise QuantizationError("ModelOpt's ONNX PTQ needs nvidia-modelopt: pip install nvidia-modelopt cppimport lief "
+                                "onnxconverter-common requests huggingface_hub (not the [onnx] extra, which "
+                                "downgrades onnx), or pip install -e '.[deploy]'.")
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".modelopt-") as work:
+        source, result, data = Path(work) / "fp32.onnx", Path(work) / "int8.onnx", Path(work) / "calibration.npy"
+        shutil.copyfile(model.path, source)  # ModelOpt rewrites the file it is given: never hand it the original
+        np.save(data, calibration.images)
+        shape = (calibration.batch_size, *calibration.images.shape[1:])
+        run = subprocess.run(modelopt_command(source, result, data, recipe.method, calibration.input_name, shape),
+                             capture_output=True, text=True, check=False)
+        if run.returncode != 0 or not result.exists():
+            raise QuantizationError(f"ModelOpt's ONNX PTQ failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
+        shutil.copyfile(result, output)
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One model measured: validation top-1, its drop and agreement against FP32, CPU latency, file size.
+
+    ``tool`` made it (``"fp32"`` for the baseline); ``target`` is the runtime it is made for.
+    """
+
+    name: str
+    tool: str
+    target: str
+    path: Path
+    val_top1: float
+    top1_drop_vs_fp32: float
+    agreement_with_fp32: float
+    latency_ms_b1: float
+    latency_ms_b8: float
+    size_mb: float
+    calibration_images: int
+
+    def ledger(self) -> dict[str, Any]:
+        """The figures the ledger records for this variant."""
+        return {"target": self.target, "val_top1": self.val_top1,
+                "top1_drop_vs_fp32": round(self.top1_drop_vs_fp32, 6),
+                "agreement_with_fp32": self.agreement_with_fp32, "latency_ms_b1": round(self.latency_ms_b1, 3),
+                "latency_ms_b8": round(self.latency_ms_b8, 3), "size_mb": round(self.size_mb, 3),
+                "calibration_images": self.calibration_images}
+
+
+def predictions(runner: Any, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """The predicted class of every image, run in batches."""
+    return np.concatenate([runner.run(images[i:i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
+
+
+def _measure(path: Path, precision: str, images: np.ndarray, config: CourseConfig, latency: bool
+             ) -> tuple[np.ndarray, dict[int, float]]:
+    """Predictions on ``images`` and p50 latency per batch (the course's one benchmark, the config's settings)."""
+    from course_utils.deploy.runtimes import OrtRunner, measure_latency
+
+    bench = config.benchmark
+    with OrtRunner(path, threads=bench.threads, precision=precision) as runner:
+        predicted = predictions(runner, images)
+        p50 = {batch: measure_latency(runner, batch, images.shape[-1], bench.warmup, bench.iterations).p50_ms
+               if latency else float("nan") for batch in LATENCY_BATCHES}
+    return predicted, p50
+
+
+def measure_fp32(model: OnnxModel, images: np.ndarray, labels: np.ndarray, config: CourseConfig
+                 ) -> tuple[VariantResult, np.ndarray]:
+    """The FP32 baseline on ONNX Runtime CPU: its result, and its predictions (the INT8 models' reference)."""
+    predicted, p50 = _measure(model.path, "fp32", images, config, latency=True)
+    top1 = float((predicted == labels).mean())
+    return VariantResult("fp32", "fp32", "cpu", model.path, top1, 0.0, 1.0, p50[1], p50[8],
+                         model.path.stat().st_size / 2**20, 0), predicted
+
+
+def measure_int8(made: Int8Model, images: np.ndarray, labels: np.ndarray, config: CourseConfig,
+                 reference: np.ndarray, latency: bool = True) -> VariantResult:
+    """An INT8 model on ONNX Runtime CPU: top-1, drop and agreement against FP32's predictions, p50 latency, size."""
+    predicted, p50 = _measure(made.path, "int8", images, config, latency)
+    top1 = float((predicted == labels).mean())
+    drop = float((reference == labels).mean()) - top1
+    return VariantResult(made.recipe.name, made.recipe.tool, made.recipe.target, made.path, top1, drop,
+                         float((predicted == reference).mean()), p50[1], p50[8], made.path.stat().st_size / 2**20,
+                         made.calibration_images)
+
+
+def best_cpu_variant(results: Sequence[VariantResult]) -> VariantResult:
+    """The U8S8 model to deploy on ONNX Runtime CPU: highest top-1, then agreement with FP32, then speed."""
+    cpu = [r for r in results if r.target == "cpu"]
+    if not cpu:
+        raise QuantizationError("No CPU INT8 model was measured: keep at least one method in quant.methods.")
+    return max(cpu, key=lambda r: (r.val_top1, r.agreement_with_fp32, -r.latency_ms_b8))
+
+
+def best_tensorrt_variant(results: Sequence[VariantResult]) -> VariantResult | None:
+    """ModelOpt's Q/DQ ONNX for TensorRT with the highest top-1 (then agreement), or None when none was made."""
+    trt = [r for r in results if r.tool == "modelopt"]
+    return max(trt, key=lambda r: (r.val_top1, r.agreement_with_fp32)) if trt else None
+
+
+def ablation_sizes(requested: Sequence[int | None], calibration: CalibrationSet) -> list[int]:
+    """The distinct calibration sizes an ablation can really use (whole batches, at most the full set)."""
+    sizes = {len(calibration.head(size)) for size in requested if size is None or size >= calibration.batch_size}
+    return sorted(sizes)
+
+
+def calibration_ablation(model: OnnxModel, recipe: Recipe, full: CalibrationSet, sizes: Sequence[int],
+                         folder: Path, images: np.ndarray, labels: np.ndarray, reference: np.ndarray,
+                         config: CourseConfig) -> list[dict[str, Any]]:
+    """Quantize with growing, nested calibration sets; top-1 and agreement with FP32 for each size."""
+    rows = []
+    for size in sizes:
+        made = quantize(model, recipe, full.head(size), folder)
+        result = measure_int8(made, images, labels, config, reference, latency=False)
+        rows.append({"calibration_images": made.calibration_images, "val_top1": result.val_top1,
+                     "top1_drop_vs_fp32": round(result.top1_drop_vs_fp32, 6),
+                     "agreement_with_fp32": result.agreement_with_fp32})
+    return rows
+
+
+def ptq_metrics(fp32: VariantResult, variants: Sequence[VariantResult], ablation: Sequence[dict[str, Any]],
+                ablation_method: str, calibration: CalibrationSet) -> dict[str, Any]:
+    """The ledger's ``ptq`` stage: FP32, every variant, the ablation, the best CPU model and the TensorRT Q/DQ.
+
+    ``best_cpu_model_path`` is read by the runtimes (notebook 05, the app), ``tensorrt_qdq_path`` by the engines.
+    """
+    from course_utils.deploy.runtimes import PTQ_CPU_KEY
+
+    best = best_cpu_variant(variants)
+    qdq = best_tensorrt_variant(variants)
+    metrics: dict[str, Any] = {
+        "fp32": {k: v for k, v in fp32.ledger().items()
+                 if k in ("val_top1", "latency_ms_b1", "latency_ms_b8", "size_mb")},
+        "variants": {v.name: v.ledger() for v in variants},
+        "calibration_images": len(calibration), "calibration_sha256": calibration.sha256[:16],
+        "seed": calibration.seed, "calibration_batch": calibration.batch_size,
+        "ablation": {"method": ablation_method,
+                     **{f"{row['calibration_images']}_images":
+                        {k: v for k, v in row.items() if k != "calibration_images"} for row in ablation}},
+        "best_cpu_variant": best.name, PTQ_CPU_KEY: str(best.path),
+        "best_cpu_top1_drop_vs_fp32": round(best.top1_drop_vs_fp32, 6),
+        "best_cpu_speedup_b8": round(fp32.latency_ms_b8 / best.latency_ms_b8, 3),
+    }
+    if qdq is not None:
+        metrics |= {"tensorrt_qdq_variant": qdq.name, PTQ_QDQ_KEY: str(qdq.path)}
+    return metrics
+
+
+def implicit_int8_plans(model: OnnxModel, calibration: CalibrationSet, config: CourseConfig, tensorrt: str,
+                        gpu: Any) -> dict[Calibrator, Any]:
+    """TensorRT <= 10.x implicit INT8: one engine plan per calibrator, each with its own calibration cache.
+
+    The cache name carries the model hash, calibrator, TensorRT version, calibration data hash and seed;
+    the engine name carries the cache's, so an engine calibrated on other data is never reused either.
+    TensorRT 11 has no implicit INT8: ``plan_engine`` refuses it and says to use the Q/DQ ONNX.
+    """
+    from course_utils.deploy.tensorrt_engines import build_route, engines_dir, plan_engine
+
+    out = engines_dir(config)
+    base = plan_engine(model, "int8", build_route(tensorrt), gpu, config.engine, out,
+                       calibration_images=len(calibration))
+    if calibration.batch_size != base.profiles[-1].opt:
+        raise QuantizationError(f"Calibration batches hold {calibration.batch_size} images but the calibration "
+                                f"profile's opt batch is {base.profiles[-1].opt}: TensorRT calibrates at opt. Rebuild "
+                                "the set with batch_size=ptq.calibration_batch(config).")
+    plans = {}
+    for calibrator in CALIBRATORS:
+        key = calibration_key(model, calibrator, tensorrt, calibration)
+        engine = base.engine_path.with_name(f"{base.engine_path.stem}_{calibrator}-{key.digest}.engine")
+        plans[calibrator] = replace(base, calibrator=calibrator, calibration_cache=calibration_cache_path(out, key),
+                                    engine_path=engine)
+    return plans
+
+
+def calibration_key(model: OnnxModel, calibrator: Calibrator, tensorrt: str,
+                    calibration: CalibrationSet) -> CalibrationCacheKey:
+    """The key of ``calibrator``'s cache for this model, TensorRT and calibration set."""
+    return CalibrationCacheKey(model.sha256, calibrator, tensorrt, calibration.sha256, calibration.seed)
+
+
+def build_implicit_int8_engines(plans: dict[Calibrator, Any], calibration: CalibrationSet) -> dict[Calibrator, Any]:
+    """Build each calibrator's engine (TensorRT <= 10.x and a GPU); ``build_engine`` deletes a stale cache first."""
+    from course_utils.deploy.tensorrt_engines import build_engine
+
+    return {calibrator: build_engine(plan, calibration) for calibrator, plan in plans.items()}
+
+
+def calibration_batch(config: CourseConfig) -> int:
+    """The calibration batch size: Polygraphy calibrates with the last batch profile, TensorRT at its opt batch."""
+    from course_utils.deploy.tensorrt_engines import batch_profiles
+
+    return batch_profiles(config.engine)[-1].opt
+
+
+def course_fp32_onnx(config: CourseConfig) -> tuple[OnnxModel, Any]:
+    """The ONNX stage's optimized FP32 model (made on the spot if missing) and the preprocessing it expects."""
+    from course_utils.deploy.onnx_export import course_onnx
+    from course_utils.vision.zoo import entry
+
+    artifacts = course_onnx(config)
+    preprocessing = entry(artifacts.backbone).preprocessing
+    if preprocessing.input_size != artifacts.input_size:
+        raise QuantizationError(f"{artifacts.optimized_path} takes {artifacts.input_size} px images but "
+                                f"{artifacts.backbone} is preprocessed to {preprocessing.input_size} px: "
+                                "rerun notebook 04.")
+    model = OnnxModel.from_path(artifacts.optimized_path, artifacts.input_name, artifacts.output_name,
+                                artifacts.input_size)
+    return model, preprocessing
+
+
+def run_ptq(config: CourseConfig) -> dict[str, Any]:
+    """The whole PTQ stage as ``python -m course_utils quantize`` runs it; records and returns ledger ``ptq``."""
+    from course_utils.core.ledger import Ledger
+    from course_utils.deploy.calibration import build_calibration_set
+    from course_utils.deploy.runtimes import validation_arrays
+    from course_utils.vision.data import resolve_dataset
+
+    dataset, (model, preprocessing) = resolve_dataset(config), course_fp32_onnx(config)
+    transform = preprocessing.eval_transform()
+    full = build_calibration_set(dataset.samples["train"], transform, None, calibration_batch(config), config.seed,
+                                 model.input_name)
+    calibration = full.head(config.quant.calibration_images)
+    images, labels = validation_arrays(dataset.samples["val"], transform)
+    fp32, reference = measure_fp32(model, images, labels, config)
+    variants = [measure_int8(quantize(model, recipe, calibration, int8_dir(config)), images, labels, config, reference)
+                for recipe in course_recipes(config.quant)]
+    ablation = calibration_ablation(model, Recipe("onnxruntime", config.quant.ablation_method), full,
+                                    ablation_sizes(config.quant.calibration_ablation, full), int8_dir(config),
+                                    images, labels, reference, config)
+    metrics = ptq_metrics(fp32, variants, ablation, config.quant.ablation_method, calibration)
+    Ledger(config.workspace).record("ptq", metrics, replace=True)
+    return metrics

@@ -1,0 +1,337 @@
+"""One interface for every runtime the course compares, and one benchmark for all of them.
+
+A ``Runner`` takes a float32 NCHW batch as a NumPy array on the host and returns float32 logits as
+a NumPy array; ``synchronize()`` waits for queued GPU work. That contract is all the benchmark, the
+accuracy check, the INT8 stage and the app rely on::
+
+    with OrtRunner(path, threads=1) as runner:
+        logits = runner.run(images)
+
+Runners: ``TorchRunner`` (PyTorch eager, CPU or CUDA), ``OrtRunner`` (ONNX Runtime: CPU, or the CUDA and
+TensorRT execution providers of onnxruntime-gpu) and ``TensorRTRunner`` (an engine through Polygraphy's
+``TrtRunner``). Every runner copies its input in and its output out, so all are timed end to end alike.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from typing_extensions import Self
+
+PTQ_CPU_KEY = "best_cpu_model_path"  # ledger "ptq": the INT8 ONNX that runs fastest on ONNX Runtime CPU
+
+
+class RuntimeUnavailableError(RuntimeError):
+    """A runtime or device this machine does not have; the message says what to install or choose."""
+
+
+class Runner(abc.ABC):
+    """A model behind one runtime: ``run(images) -> logits``, both float32 NumPy arrays.
+
+    ``runtime``: pytorch, onnxruntime or tensorrt; ``precision``: fp32, fp16 or int8; ``device``: cpu,
+    cuda or tensorrt (ONNX Runtime's TensorRT provider); ``max_batch``: the largest batch accepted
+    (None: any). Use it as a context manager, or call ``close()``, to free its resources.
+    """
+
+    runtime: str = ""
+    precision: str = "fp32"
+    device: str = "cpu"
+    max_batch: int | None = None
+
+    @property
+    def threads(self) -> int | None:
+        """CPU intra-op threads the runner computes with (None where the GPU computes)."""
+        return None
+
+    @property
+    def key(self) -> str:
+        """The ledger key: ``onnxruntime_fp32``, ``tensorrt_int8``, ``pytorch_fp32_cuda``."""
+        suffix = "" if self.device == "cpu" or self.runtime == "tensorrt" else f"_{self.device}"
+        return f"{self.runtime}_{self.precision}{suffix}"
+
+    @abc.abstractmethod
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """Logits for a float32 NCHW batch."""
+
+    def synchronize(self) -> None:
+        """Wait until queued device work is done (timing calls this after every run)."""
+
+    def close(self) -> None:
+        """Free the runner's resources."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+
+class TorchRunner(Runner):
+    """PyTorch eager. ``device="cuda"`` moves the model to the GPU; ``threads`` sets PyTorch's CPU threads."""
+
+    runtime = "pytorch"
+
+    def __init__(self, model: Any, device: str = "cpu", threads: int | None = None) -> None:
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeUnavailableError("device='cuda' but PyTorch sees no CUDA GPU: use device='cpu'.")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.device = device
+        self.model = model.to(device).eval()
+
+    @property
+    def threads(self) -> int | None:
+        import torch
+
+        return torch.get_num_threads() if self.device == "cpu" else None
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+        return logits.float().cpu().numpy()
+
+    def synchronize(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+
+ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                 "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime with every graph optimization. ``threads``: intra-op threads (None: ORT's default).
+
+    ``precision`` labels the model (an INT8 ONNX is ``"int8"``); with ``device="tensorrt"`` it also
+    switches the TensorRT provider's FP16/INT8 modes on, and ``cache_dir`` keeps its engines.
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, precision: str = "fp32",
+                 cache_dir: Path | None = None) -> None:
+        import onnxruntime as ort
+
+        if device not in ORT_PROVIDERS:
+            raise RuntimeUnavailableError(f"Unknown device {device!r}: choose {', '.join(ORT_PROVIDERS)}.")
+        wanted = ORT_PROVIDERS[device][0]
+        if wanted not in ort.get_available_providers():
+            available = ", ".join(ort.get_available_providers())
+            raise RuntimeUnavailableError(f"ONNX Runtime here has no {wanted} (it has {available}): install "
+                                          "onnxruntime-gpu for CUDA/TensorRT, or use device='cpu'.")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.inter_op_num_threads = 1
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        providers: list[Any] = list(ORT_PROVIDERS[device])
+        if device == "tensorrt":
+            trt_options: dict[str, Any] = {"trt_fp16_enable": precision in ("fp16", "int8"),
+                                           "trt_int8_enable": precision == "int8"}
+            if cache_dir is not None:
+                trt_options |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir)}
+            providers[0] = (providers[0], trt_options)
+        self.device, self.precision, self._threads = device, precision, threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def threads(self) -> int | None:
+        return self._threads if self.device == "cpu" else None
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(images, np.float32)})
+        return np.asarray(outputs[0], dtype=np.float32)
+
+
+class TensorRTRunner(Runner):
+    """A serialized TensorRT engine run by Polygraphy's ``TrtRunner`` on optimization ``profile``."""
+
+    runtime = "tensorrt"
+    device = "cuda"
+
+    def __init__(self, engine_path: Path, precision: str, profile: int = 0,
+                 max_batch: int | None = None) -> None:
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        self.precision, self.max_batch = precision, max_batch
+        self._runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), optimization_profile=profile)
+        self._runner.activate()
+        self.input_name = next(iter(self._runner.get_input_metadata()))
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        outputs = self._runner.infer({self.input_name: np.ascontiguousarray(images, np.float32)})
+        return np.asarray(next(iter(outputs.values())), dtype=np.float32)
+
+    def close(self) -> None:
+        if self._runner.is_active:
+            self._runner.deactivate()
+
+
+def ptq_cpu_model(workspace: Path) -> Path | None:
+    """The quantization stage's INT8 ONNX for ONNX Runtime CPU, when it has made one."""
+    from course_utils.core.ledger import Ledger
+
+    recorded = Ledger(workspace).stage("ptq").get(PTQ_CPU_KEY)
+    return Path(recorded) if recorded and Path(recorded).exists() else None
+
+
+def course_runners(model: Any, onnx_path: Path, threads: int, workspace: Path,
+                   engines: Mapping[str, Path] | None = None,
+                   engine_max_batch: int | None = None) -> list[Runner]:
+    """PyTorch and ONNX Runtime FP32 on the CPU, ONNX Runtime INT8 once notebook 06 made it, TensorRT engines.
+
+    ``engines`` maps a precision to an engine file, run on profile 0 with up to ``engine_max_batch`` images.
+    """
+    runners: list[Runner] = [TorchRunner(model, threads=threads), OrtRunner(onnx_path, threads=threads)]
+    if (int8 := ptq_cpu_model(workspace)) is not None:
+        runners.append(OrtRunner(int8, threads=threads, precision="int8"))
+    runners += [TensorRTRunner(path, precision, max_batch=engine_max_batch)
+                for precision, path in (engines or {}).items()]
+    return runners
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency percentiles (milliseconds) of one runner at one batch size."""
+
+    batch: int
+    iterations: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+
+    @property
+    def throughput(self) -> float:
+        """Images per second over all timed runs."""
+        return self.batch * 1000.0 / self.mean_ms
+
+
+def measure_latency(runner: Runner, batch: int, input_size: int, warmup: int, iterations: int,
+                    clock: Callable[[], float] = time.perf_counter) -> Latency:
+    """Time ``iterations`` runs on a random batch after ``warmup`` untimed ones (each run synchronized)."""
+    images = np.random.default_rng(batch).standard_normal((batch, 3, input_size, input_size), dtype=np.float32)
+    for _ in range(warmup):
+        runner.run(images)
+        runner.synchronize()
+    samples = []
+    for _ in range(iterations):
+        started = clock()
+        runner.run(images)
+        runner.synchronize()
+        samples.append((clock() - started) * 1000.0)
+    p50, p90, p99 = np.percentile(samples, [50, 90, 99])
+    return Latency(batch, iterations, float(p50), float(p90), float(p99), float(np.mean(samples)))
+
+
+def validation_arrays(samples: Sequence[tuple[Path, int]], transform: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The validation images preprocessed once (the model's own ``eval_transform``) and their labels."""
+    from course_utils.vision.data import load_rgb
+
+    images = np.stack([transform(load_rgb(path)).numpy() for path, _ in samples]).astype(np.float32)
+    return images, np.array([label for _, label in samples])
+
+
+def top1(runner: Runner, images: np.ndarray, labels: np.ndarray, batch_size: int = 8) -> float:
+    """The fraction of ``images`` whose highest logit is the label."""
+    batch_size = min(batch_size, runner.max_batch or batch_size)
+    predictions = np.concatenate([runner.run(images[i:i + batch_size]).argmax(-1)
+                                  for i in range(0, len(images), batch_size)])
+    return float((predictions == labels).mean())
+
+
+@dataclass
+class RuntimeResult:
+    """One runner's row of the benchmark: who it is, its latencies per batch, its validation top-1."""
+
+    key: str
+    runtime: str
+    precision: str
+    device: str
+    threads: int | None
+    latencies: dict[int, Latency]
+    val_top1: float | None = None
+
+
+def benchmark(runners: Sequence[Runner], batch_sizes: Sequence[int], input_size: int, warmup: int,
+              iterations: int, images: np.ndarray | None = None, labels: np.ndarray | None = None,
+              clock: Callable[[], float] = time.perf_counter) -> list[RuntimeResult]:
+    """The course's one benchmark: latency per batch size for every runner, and top-1 when images are given.
+
+    Batches beyond a runner's ``max_batch`` are skipped for that runner.
+    """
+    results = []
+    for runner in runners:
+        latencies = {batch: measure_latency(runner, batch, input_size, warmup, iterations, clock)
+                     for batch in batch_sizes if runner.max_batch is None or batch <= runner.max_batch}
+        accuracy = None if images is None or labels is None else top1(runner, images, labels, max(batch_sizes))
+        results.append(RuntimeResult(runner.key, runner.runtime, runner.precision, runner.device,
+                                     runner.threads, latencies, accuracy))
+    return results
+
+
+def results_rows(results: Sequence[RuntimeResult]) -> list[Mapping[str, Any]]:
+    """One row per runner and batch size, for a table."""
+    return [{"runtime": r.runtime, "precision": r.precision, "device": r.device,
+             "threads": "-" if r.threads is None else r.threads, "batch": batch, "p50 ms": lat.p50_ms,
+             "p90 ms": lat.p90_ms, "p99 ms": lat.p99_ms, "images/s": lat.throughput,
+             "val top-1": "-" if r.val_top1 is None else r.val_top1}
+            for r in results for batch, lat in r.latencies.items()]
+
+
+def results_markdown(results: Sequence[RuntimeResult]) -> str:
+    """The benchmark as a Markdown table."""
+    from course_utils.core.report import markdown_table
+
+    return markdown_table(results_rows(results))
+
+
+def ledger_metrics(results: Sequence[RuntimeResult], build_seconds: dict[str, float] | None = None
+                   ) -> dict[str, dict[str, Any]]:
+    """The ledger's ``engines`` figures per runtime and precision: p50 at batch 1 and 8, throughput, top-1."""
+    metrics: dict[str, dict[str, Any]] = {}
+    for result in results:
+        entry: dict[str, Any] = {"device": result.device, "threads": result.threads}
+        for batch in (1, 8):
+            if batch in result.latencies:
+                entry[f"latency_ms_p50_b{batch}"] = round(result.latencies[batch].p50_ms, 3)
+        if 8 in result.latencies:
+            entry["throughput_b8"] = round(result.latencies[8].throughput, 2)
+        if result.val_top1 is not None:
+            entry["val_top1"] = result.val_top1
+        if build_seconds and result.key in build_seconds:
+            entry["build_seconds"] = round(build_seconds[result.key], 3)
+        metrics[result.key] = entry
+    return metrics
+
+
+def speedup(results: Sequence[RuntimeResult], faster: str, baseline: str, batch: int = 8) -> float:
+    """How many times the throughput of runner ``faster`` is that of ``baseline`` at ``batch``."""
+    by_key = {r.key: r for r in results}
+    return by_key[faster].latencies[batch].throughput / by_key[baseline].latencies[batch].throughput
+
+
+def compare_threads(make_runner: Callable[[int], Runner], counts: Sequence[int], batch: int, input_size: int,
+                    warmup: int, iterations: int) -> dict[int, Latency]:
+    """Latency of the same model at each intra-op thread count (one runner per count, closed after use)."""
+    timings = {}
+    for count in counts:
+        with make_runner(count) as runner:
+            timings[count] = measure_latency(runner, batch, input_size, warmup, iterations)
+    return timings

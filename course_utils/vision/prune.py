@@ -1,0 +1,565 @@
+"""Structured pruning and retraining, TAO-style, with Torch-Pruning doing the channel surgery.
+
+Structured pruning removes whole channels (and, in ViTs, whole attention heads), so the pruned
+network is a smaller dense network that any runtime runs faster, unlike sparse weights. Torch-Pruning
+traces the model into a dependency graph: removing an output channel of one layer removes the matching
+input channel of every layer that reads it (residual additions, depthwise convolutions, concatenations),
+so the network stays consistent. The course decides *what* may be pruned: never the classifier head's
+outputs (the class count must not change), attention only as whole heads, grouped convolutions group-wise.
+
+A pruned model no longer matches its architecture's config, so ``save_pruned`` stores the registry name,
+the classes, Torch-Pruning's pruning history (which channels of which layer went) and the weights:
+``load_pruned`` rebuilds the original architecture, replays the history, then loads the weights, all
+from plain data read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from course_utils.core.atomic import atomic_path, write_json_atomic
+from course_utils.core.config import CourseConfig
+from course_utils.vision.zoo import Classifier, cpu_latency_ms
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from course_utils.vision.data import ImageFolderDataset
+    from course_utils.vision.finetune import Sample
+
+IMPORTANCES: tuple[str, ...] = ("l1", "l2", "bn_scale", "taylor")
+FORMAT = "course-pruned/1"
+MAX_LAYER_RATIO = 0.9  # never remove more than 90% of one layer's channels
+TAYLOR_BATCHES = 4
+RECORD = "pruning"  # the attribute under which a pruned Classifier carries its recipe and history
+
+# Registry backbones the course refuses to prune, with the reason: benchmarks/prune_registry.py prunes every
+# backbone and checks its forward pass, ONNX export and reload; these failed (docs/benchmarks.md).
+UNPRUNABLE: dict[str, str] = {
+    "shufflenet-v1-1x_16xb64_in1k": "its grouped 1x1 convolutions feed a channel shuffle, and the pruned "
+    "groups no longer line up (the pruned model's forward pass fails)",
+    "shufflenet-v2-1x_16xb64_in1k": "its channel split and shuffle make Torch-Pruning's dependency analysis "
+    "run for minutes without finishing",
+    "res2net50-w14-s8_3rdparty_8xb32_in1k": "its hierarchical split-and-concatenate of channel groups breaks "
+    "Torch-Pruning's index mapping (IndexError)",
+    "swin-tiny_16xb64_in1k": "its window attention carries relative-position tables that Torch-Pruning does "
+    "not prune with the heads (IndexError)",
+    "conformer-tiny-p16_3rdparty_in1k": "its coupled CNN and transformer branches cannot be traced by "
+    "Torch-Pruning (TypeError)",
+    "twins-svt-small_3rdparty_8xb128_in1k": "its locally-grouped and sub-sampled attention layers cannot be "
+    "pruned as whole heads (IndexError)",
+    "mvitv2-tiny_3rdparty_in1k": "its pooling attention reshapes channels per head, and the pruned model's "
+    "forward pass fails",
+    "edgenext-xxsmall_3rdparty_in1k": "its channel-split depthwise stages and cross-covariance attention "
+    "break Torch-Pruning's index mapping (IndexError)",
+    "efficientvit_b0.r224_in1k": "its multi-scale linear attention aggregates q, k and v with grouped "
+    "convolutions that break Torch-Pruning's index mapping (IndexError)",
+}
+
+
+class PruningError(ValueError):
+    """A pruning request the course cannot carry out; the message says why and what to do instead."""
+
+
+@dataclass(frozen=True)
+class PruneRecipe:
+    """How a model was pruned: by ``ratio`` (fraction of channels removed in every layer) or by ``threshold``.
+
+    ``threshold`` is TAO's rule: a channel goes when its importance, divided by the largest importance in
+    its layer, is below the threshold. ``granularity`` rounds kept channel counts to multiples of it
+    (TAO's ``pruning_granularity``: tensor cores like multiples of 8); no layer is cut below ``min_channels``
+    (TAO's ``min_num_filters``). ``input_size`` is the example input
+    the dependency graph was traced with; ``effective_ratio`` is the fraction of channels a threshold removed.
+    """
+
+    importance: str
+    granularity: int
+    input_size: int
+    min_channels: int = 16
+    ratio: float | None = None
+    threshold: float | None = None
+    effective_ratio: float | None = None
+
+
+def check_request(model: Classifier, ratio: float | None, threshold: float | None, importance: str) -> None:
+    """Raise ``PruningError`` for an out-of-range ratio or threshold, an unknown criterion or backbone."""
+    if (ratio is None) == (threshold is None):
+        raise PruningError("Give exactly one of `ratio` (fraction of channels to remove) or `threshold` "
+                           "(TAO-style normalised-magnitude threshold).")
+    if ratio is not None and not 0.0 <= ratio <= MAX_LAYER_RATIO:
+        raise PruningError(f"ratio={ratio} is out of range: it is the fraction of each layer's channels to "
+                           f"remove, from 0.0 (nothing) to {MAX_LAYER_RATIO} (keep one in ten), e.g. 0.5.")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise PruningError(f"threshold={threshold} is out of range: importances are divided by their layer's "
+                           "largest, so the threshold must lie strictly between 0 and 1 (TAO uses 0.1-0.7).")
+    if importance not in IMPORTANCES:
+        raise PruningError(f"Unknown importance {importance!r}: choose one of {', '.join(IMPORTANCES)}.")
+    if model.backbone in UNPRUNABLE:
+        raise PruningError(f"{model.backbone} cannot be pruned by the course: {UNPRUNABLE[model.backbone]}. "
+                           "Pick another backbone (efficientnet-lite0, resnet50, mobilenet-v2, deit-tiny…).")
+
+
+def example_input(model: Classifier, input_size: int | None = None, batch_size: int = 1) -> torch.Tensor:
+    """A zero batch of the model's input shape (what tracing, MAC counting and timing feed it)."""
+    size = input_size or model.preprocessing.input_size
+    return torch.zeros(batch_size, 3, size, size)
+
+
+def _importance(name: str, normalizer: str | None) -> Any:
+    import torch_pruning as tp
+
+    if name == "bn_scale":
+        return tp.importance.BNScaleImportance(normalizer=normalizer)
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance(normalizer=normalizer)
+    return tp.importance.GroupMagnitudeImportance(p=1 if name == "l1" else 2, normalizer=normalizer)
+
+
+def head_modules(model: Classifier) -> list[nn.Module]:
+    """The classifier head's layers: their outputs are the classes, so they are never pruned."""
+    names = model.head_parameter_names()
+    return [module for prefix, module in model.named_modules()
+            if (own := [f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=False)])
+            and all(name in names for name in own)]
+
+
+def _attention_heads(model: Classifier) -> dict[nn.Module, int]:
+    """``{qkv layer: head count}`` for the attention layers pruned as whole heads (after the tracing fix)."""
+    from course_utils.vision.compat import fix_mmpretrain_attention
+
+    return {attention.qkv: attention.num_heads for attention in fix_mmpretrain_attention(model)}
+
+
+def _update_head_counts(model: Classifier) -> None:
+    """After heads went, each attention layer's head count follows from its qkv width (head size is kept)."""
+    from course_utils.vision.compat import fix_mmpretrain_attention
+
+    for attention in fix_mmpretrain_attention(model):
+        attention.num_heads = attention.qkv.out_features // (3 * attention.head_dims)
+        attention.embed_dims = attention.num_heads * attention.head_dims
+
+
+def _taylor_gradients(model: Classifier, samples: list[Sample] | None, batch_size: int = 16) -> None:
+    """Taylor importance is |weight x gradient|: accumulate the loss gradient over a few training batches."""
+    from course_utils.vision.finetune import ImageSamples
+
+    if not samples:
+        raise PruningError("importance='taylor' needs data to compute loss gradients: pass `samples` "
+                           "(e.g. dataset.samples['train']), or choose l1, l2 or bn_scale.")
+    loader = torch.utils.data.DataLoader(ImageSamples(samples, model.preprocessing.eval_transform()),
+                                         batch_size=batch_size, shuffle=False)
+    model.zero_grad()
+    for index, (images, labels) in enumerate(loader):
+        if index == TAYLOR_BATCHES:
+            break
+        nn.functional.cross_entropy(model(images), labels).backward()
+
+
+def _narrow_layer_ratios(model: Classifier, ratio: float, recipe: PruneRecipe,
+                         skip: set[nn.Module]) -> dict[nn.Module, float]:
+    """Smaller ratios for layers that would otherwise keep fewer than ``recipe.min_channels`` outputs.
+
+    TAO's ``min_num_filters``: narrow layers (the stem, the first blocks) carry everything that follows,
+    and rounding to the granularity would otherwise halve a 16-channel layer at any ratio.
+    """
+    step = recipe.granularity
+    floor = -(-recipe.min_channels // step) * step  # min_channels rounded up to the granularity
+    limits: dict[nn.Module, float] = {}
+    for module in model.modules():
+        if module in skip or not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            continue
+        width = module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
+        kept = (width - int(width * ratio)) // step * step
+        if kept < floor:
+            limits[module] = max(0.0, (width - floor) / width - 1e-9)
+    return limits
+
+
+def _pruner(model: Classifier, recipe: PruneRecipe, ratio: float, global_pruning: bool) -> Any:
+    import torch_pruning as tp
+
+    heads = _attention_heads(model)
+    with warnings.catch_warnings():
+        # ViTs' cls_token, pos_embed and layer scales are bare parameters; Torch-Pruning prunes their last
+        # dimension, the embedding, which is right for them (benchmarks/prune_registry.py checks them all).
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return tp.pruner.BasePruner(
+            model, example_input(model, recipe.input_size),
+            importance=_importance(recipe.importance, "max" if global_pruning else "mean"),
+            global_pruning=global_pruning, pruning_ratio=ratio, max_pruning_ratio=MAX_LAYER_RATIO,
+            pruning_ratio_dict=_narrow_layer_ratios(model, ratio, recipe, set(heads)),
+            ignored_layers=head_modules(model),
+            round_to=recipe.granularity if recipe.granularity > 1 else None,
+            num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=False, head_pruning_ratio=ratio,
+        )
+
+
+def _threshold_ratio(pruner: Any, threshold: float, importance: str) -> float:
+    """The fraction of all prunable channels whose max-normalised importance is below ``threshold``.
+
+    Global pruning of that fraction, ranked by the same max-normalised scores, removes exactly those
+    channels (up to granularity rounding): TAO's threshold rule, carried out by Torch-Pruning.
+    """
+    # Torch-Pruning's l2 score is the *squared* norm; TAO thresholds the norm itself: compare with threshold².
+    cutoff = threshold**2 if importance == "l2" else threshold
+    scores = [imp for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                        root_module_types=pruner.root_module_types)
+              if (imp := pruner.estimate_importance(group)) is not None]
+    return float((torch.cat(scores) < cutoff).float().mean()) if scores else 0.0
+
+
+def prune_classifier(
+    model: Classifier,
+    ratio: float | None = None,
+    threshold: float | None = None,
+    importance: str = "l2",
+    granularity: int = 8,
+    min_channels: int = 16,
+    samples: list[Sample] | None = None,
+    input_size: int | None = None,
+) -> Classifier:
+    """A structurally pruned copy of ``model`` (the original is left as it was).
+
+    ``ratio`` removes that fraction of channels from every prunable layer (and of heads from every attention
+    layer); ``threshold`` removes, TAO-style, the channels whose importance divided by the largest in their
+    layer is below it (ranked model-wide). ``importance`` is ``l1``/``l2`` (weight magnitude), ``bn_scale``
+    (batch-norm scale, "network slimming") or ``taylor`` (|weight x gradient|, needs training ``samples``).
+    ``granularity`` rounds kept channel counts down to its multiples, never below ``min_channels``. The copy
+    carries its recipe and Torch-Pruning's history (``pruning_record``), which ``save_pruned`` stores; a
+    refused or failed request raises ``PruningError``.
+    """
+    check_request(model, ratio, threshold, importance)
+    recipe = PruneRecipe(importance, granularity, input_size or model.preprocessing.input_size, min_channels,
+                         ratio, threshold)
+    pruned = copy.deepcopy(model).eval().requires_grad_(True)
+    if ratio == 0.0:
+        setattr(pruned, RECORD, {"recipe": asdict(recipe), "history": []})
+        return pruned
+    try:
+        pruner = _pruner(pruned, recipe, ratio or 0.0, global_pruning=threshold is not None)
+        if importance == "taylor":
+            _taylor_gradients(pruned, samples)
+        if threshold is not None:
+            effective = _threshold_ratio(pruner, threshold, importance)
+            recipe = replace(recipe, effective_ratio=round(effective, 4))
+            pruner = _pruner(pruned, recipe, recipe.effective_ratio or 0.0, global_pruning=True)
+        pruner.step()
+    except PruningError:
+        raise
+    except Exception as error:  # Torch-Pruning fails in many ways on graphs it cannot map; say so plainly
+        raise PruningError(f"Torch-Pruning could not prune {model.backbone} ({type(error).__name__}: "
+                           f"{error}). Pick another backbone, or report the architecture.") from error
+    pruned.zero_grad(set_to_none=True)
+    _update_head_counts(pruned)
+    history = [[name, bool(out), [int(i) for i in _plain(idxs)]]
+               for name, out, idxs in pruner.pruning_history()]
+    if not history and (ratio or recipe.effective_ratio):
+        raise PruningError(f"Nothing of {model.backbone} was pruned with importance={importance!r}"
+                           + (" (it has no batch-norm layers to score)" if importance == "bn_scale" else "")
+                           + ": try importance='l2'.")
+    setattr(pruned, RECORD, {"recipe": asdict(recipe), "history": history})
+    _check_output(pruned, model)
+    return pruned
+
+
+def pruning_record(model: Classifier) -> dict[str, Any]:
+    """How a model was pruned: ``{"recipe": PruneRecipe's fields, "history": [[layer, out?, indices]]}``."""
+    record = getattr(model, RECORD, None)
+    if record is None:
+        raise PruningError("This model was not made by prune_classifier or load_pruned; an unpruned model "
+                           "saves with zoo.save_classifier.")
+    return dict(record)
+
+
+def _plain(idxs: list[Any]) -> list[int]:
+    from torch_pruning._helpers import to_plain_idxs
+
+    return to_plain_idxs(idxs)
+
+
+def _check_output(pruned: Classifier, original: Classifier) -> None:
+    """The pruned model must still run and still give one score per class."""
+    try:
+        with torch.inference_mode():
+            shape = tuple(pruned(example_input(pruned, batch_size=2)).shape)
+    except RuntimeError as error:
+        raise PruningError(f"Pruning broke {original.backbone}'s forward pass ({error}); the course cannot "
+                           "prune this architecture correctly. Pick another backbone.") from error
+    if shape != (2, len(original.classes)):
+        raise PruningError(f"Pruning changed {original.backbone}'s output shape to {shape}; expected "
+                           f"(2, {len(original.classes)}). Pick another backbone.")
+
+
+def save_pruned(model: Classifier, path: Path) -> Path:
+    """Save a pruned classifier as plain data (registry name, classes, recipe, history, weights)."""
+    payload = {"format": FORMAT, "backbone": model.backbone, "classes": model.classes,
+               "weights_source": model.weights, "pruning": pruning_record(model),
+               "state_dict": model.state_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_pruned(path: str | Path) -> Classifier:
+    """Rebuild a classifier saved by ``save_pruned``: original architecture, pruning replayed, weights loaded.
+
+    The file is read with ``weights_only=True`` (tensors and plain data only), so loading it runs no code.
+    """
+    import torch_pruning as tp
+
+    from course_utils.vision.zoo import load
+
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise PruningError(f"{path} is not a pruned model saved by the course; unpruned models load with "
+                           "zoo.load_classifier.")
+    model = load(payload["backbone"], payload["classes"], pretrained=False)
+    recipe = PruneRecipe(**payload["pruning"]["recipe"])
+    if payload["pruning"]["history"]:
+        _attention_heads(model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            graph = tp.DependencyGraph().build_dependency(model, example_input(model, recipe.input_size))
+        graph.load_pruning_history(payload["pruning"]["history"])
+        _update_head_counts(model)
+    model.load_state_dict(payload["state_dict"])
+    model.weights = payload["weights_source"]
+    setattr(model, RECORD, payload["pruning"])
+    return model.eval()
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels (or features) of every convolution and linear layer, by name."""
+    return {name: module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
+            for name, module in model.named_modules()
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))}
+
+
+def width_changes(original: nn.Module, pruned: nn.Module) -> list[tuple[str, int, int]]:
+    """``(layer, channels before, channels after)`` for every layer that pruning narrowed."""
+    after = layer_widths(pruned)
+    return [(name, width, after[name]) for name, width in layer_widths(original).items()
+            if after[name] != width]
+
+
+def coupled_layers(model: Classifier, layer: str) -> list[tuple[str, str]]:
+    """``(layer, "outputs" | "inputs")`` for every layer that loses channels with ``layer``'s outputs.
+
+    This is Torch-Pruning's dependency group: what must shrink together so the network stays consistent.
+    """
+    import torch_pruning as tp
+
+    traced = copy.deepcopy(model).eval()
+    _attention_heads(traced)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        graph = tp.DependencyGraph().build_dependency(traced, example_input(traced))
+    module = traced.get_submodule(layer)
+    group = graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, [0])
+    names = {id(m): name for name, m in traced.named_modules()}
+    coupled = [(names[id(dep.target.module)],
+                "outputs" if graph.is_out_channel_pruning_fn(dep.handler) else "inputs")
+               for dep, _ in group if id(dep.target.module) in names]
+    return list(dict.fromkeys(coupled))
+
+
+def macs_and_params(model: Classifier) -> tuple[int, int]:
+    """Multiply-accumulates of one image's forward pass, and the parameter count (Torch-Pruning's counter)."""
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, example_input(model))
+    return int(macs), int(params)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's weights: the cache key of everything computed from them."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def retrain_config(config: CourseConfig) -> CourseConfig:
+    """Fine-tuning settings for retraining: all layers trained, ``prune.retrain_epochs`` at ``retrain_lr``."""
+    retrain = config.model_copy(deep=True)
+    retrain.train = config.train.model_copy(update={
+        "epochs_head": 0, "epochs_finetune": config.prune.retrain_epochs, "unfreeze": "all",
+        "lr_finetune": config.prune.retrain_lr})
+    return retrain
+
+
+@dataclass
+class PrunedRun:
+    """One pruned-and-retrained model and what it measures (``ratio`` 0.0: the unpruned model itself)."""
+
+    ratio: float | None
+    threshold: float | None
+    effective_ratio: float | None
+    params: int
+    macs: int
+    file_mb: float
+    latency_ms_b1: float
+    latency_ms_b8: float
+    val_top1_before_retrain: float
+    val_top1_after_retrain: float
+    retrain_seconds: float
+    model_path: str
+
+
+def _run_key(model: Classifier, dataset: ImageFolderDataset, config: CourseConfig,
+             request: dict[str, Any]) -> str:
+    from course_utils.core.environment import package_version
+
+    settings = {"model": fingerprint(model), "request": request, "importance": config.prune.importance,
+                "granularity": config.prune.granularity, "min_channels": config.prune.min_channels,
+                "retrain": retrain_config(config).train.model_dump(),
+                "seed": config.seed, "samples": [str(p) for p, _ in dataset.samples["train"]],
+                "val": [str(p) for p, _ in dataset.samples["val"]],
+                "torch_pruning": package_version("torch_pruning")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def prune_and_retrain(model: Classifier, dataset: ImageFolderDataset, config: CourseConfig,
+                      ratio: float | None = None, threshold: float | None = None) -> PrunedRun:
+    """Prune ``model`` (by ``ratio`` or ``threshold``), evaluate, retrain with ``finetune.fit``, measure.
+
+    Results live in ``<workspace>/prune/<key>`` (key: weights, request, settings, data, library version):
+    a rerun reuses them, and an interrupted retraining resumes. Ratio 0.0 measures the unpruned model.
+    """
+    from course_utils.vision.finetune import evaluate, fit
+
+    key = _run_key(model, dataset, config, {"ratio": ratio, "threshold": threshold})
+    folder = config.workspace / "prune" / key
+    model_file, result_file = folder / "pruned.pt", folder / "accuracy.json"
+    if model_file.exists() and result_file.exists():
+        pruned, accuracy = load_pruned(model_file), json.loads(result_file.read_text())
+    else:
+        pruned = prune_classifier(model, ratio, threshold, config.prune.importance, config.prune.granularity,
+                                  config.prune.min_channels, samples=dataset.samples["train"])
+        before = evaluate(pruned, dataset.samples["val"], config.train.batch_size).top1
+        accuracy = {"before": before, "after": before, "seconds": 0.0}
+        if pruning_record(pruned)["history"] and config.prune.retrain_epochs > 0:
+            result = fit(pruned, dataset, retrain_config(config), run_dir=folder / "retrain")
+            accuracy.update(after=result.best_val_top1, seconds=round(result.train_seconds, 1))
+        save_pruned(pruned, model_file)
+        write_json_atomic(result_file, accuracy)
+    macs, params = macs_and_params(pruned)
+    size, threads = pruned.preprocessing.input_size, config.benchmark.threads
+    recipe = pruning_record(pruned)["recipe"]
+    return PrunedRun(
+        ratio=ratio, threshold=threshold, effective_ratio=recipe["effective_ratio"], params=params, macs=macs,
+        file_mb=round(model_file.stat().st_size / 2**20, 2),
+        latency_ms_b1=round(cpu_latency_ms(pruned, size, batch=1, threads=threads), 2),
+        latency_ms_b8=round(cpu_latency_ms(pruned, size, batch=8, threads=threads), 2),
+        val_top1_before_retrain=accuracy["before"], val_top1_after_retrain=accuracy["after"],
+        retrain_seconds=accuracy["seconds"], model_path=str(model_file),
+    )
+
+
+def sweep(model: Classifier, dataset: ImageFolderDataset, config: CourseConfig,
+          ratios: list[float] | None = None) -> list[PrunedRun]:
+    """``prune_and_retrain`` at every ratio of ``config.prune.sweep`` (or ``ratios``)."""
+    return [prune_and_retrain(model, dataset, config, ratio=ratio) for ratio in ratios or config.prune.sweep]
+
+
+def kept_run(model: Classifier, dataset: ImageFolderDataset, config: CourseConfig) -> PrunedRun:
+    """The configured pruning: ``prune.threshold`` when set, else ``prune.ratio`` (reused from the sweep)."""
+    if config.prune.threshold is not None:
+        return prune_and_retrain(model, dataset, config, threshold=config.prune.threshold)
+    return prune_and_retrain(model, dataset, config, ratio=config.prune.ratio)
+
+
+def keep(run: PrunedRun, config: CourseConfig) -> Path:
+    """Copy the chosen pruned model to ``<workspace>/models/pruned.pt``, where the export stage finds it."""
+    from course_utils.vision.finetune import models_dir
+
+    target = models_dir(config) / "pruned.pt"
+    with atomic_path(target) as tmp:
+        shutil.copyfile(run.model_path, tmp)
+    return target
+
+
+def sweep_rows(runs: list[PrunedRun]) -> list[dict[str, Any]]:
+    """The sweep as table rows (for ``report.markdown_table``): size, cost, speed, accuracy."""
+    return [{"ratio": run.ratio if run.ratio is not None else f"threshold {run.threshold}",
+             "params (M)": run.params / 1e6, "MACs (M)": run.macs / 1e6, "file (MB)": run.file_mb,
+             "CPU ms, batch 1": run.latency_ms_b1, "CPU ms, batch 8": run.latency_ms_b8,
+             "top-1 pruned": run.val_top1_before_retrain, "top-1 retrained": run.val_top1_after_retrain,
+             "retrain s": run.retrain_seconds} for run in runs]
+
+
+def accuracy_vs_macs(runs: list[PrunedRun], title: str = "") -> Figure:
+    """Validation top-1 against MACs, before and after retraining, one point per pruning ratio."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4))
+    axis = figure.add_subplot()
+    macs = [run.macs / 1e6 for run in runs]
+    axis.plot(macs, [run.val_top1_before_retrain for run in runs], "o--", mfc="none",
+              label="pruned, not retrained")
+    axis.plot(macs, [run.val_top1_after_retrain for run in runs], "o-", label="after retraining")
+    for run, x in zip(runs, macs, strict=True):
+        axis.annotate(f"{run.ratio if run.ratio is not None else run.effective_ratio:g}",
+                      (x, run.val_top1_after_retrain), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set_xlabel("MACs per image (millions)")
+    axis.set_ylabel("validation top-1")
+    axis.set_title(title or "Accuracy against compute (labels: pruning ratio)")
+    axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def _sweep_entry(run: PrunedRun) -> dict[str, Any]:
+    return {"params": run.params, "macs": run.macs, "file_mb": run.file_mb,
+            "latency_ms_b1": run.latency_ms_b1, "latency_ms_b8": run.latency_ms_b8,
+            "val_top1_before_retrain": run.val_top1_before_retrain,
+            "val_top1_after_retrain": run.val_top1_after_retrain}
+
+
+def stage_metrics(unpruned: PrunedRun, kept: PrunedRun, runs: list[PrunedRun], model_path: Path,
+                  config: CourseConfig) -> dict[str, Any]:
+    """What the ledger records under ``prune``: the kept model against the unpruned one, plus the sweep."""
+    reduction = 1 - kept.macs / unpruned.macs
+    drop = unpruned.val_top1_before_retrain - kept.val_top1_after_retrain
+    return {
+        "ratio": kept.ratio if kept.ratio is not None else kept.effective_ratio, "threshold": kept.threshold,
+        "importance": config.prune.importance, "granularity": config.prune.granularity,
+        "retrain_epochs": config.prune.retrain_epochs,
+        "params_before": unpruned.params, "params_after": kept.params,
+        "macs_before": unpruned.macs, "macs_after": kept.macs, "macs_reduction": round(reduction, 4),
+        "file_mb_before": unpruned.file_mb, "file_mb_after": kept.file_mb,
+        "val_top1_unpruned": unpruned.val_top1_before_retrain,
+        "val_top1_before_retrain": kept.val_top1_before_retrain,
+        "val_top1_after_retrain": kept.val_top1_after_retrain,
+        "meets_target": bool(reduction >= 0.4 and drop <= 0.01),
+        "latency_ms_b1_before": unpruned.latency_ms_b1, "latency_ms_b1_after": kept.latency_ms_b1,
+        "latency_ms_b8_before": unpruned.latency_ms_b8, "latency_ms_b8_after": kept.latency_ms_b8,
+        "model_path": str(model_path.relative_to(config.workspace)),
+        "sweep": {f"ratio_{run.ratio:g}": _sweep_entry(run) for run in runs},
+    }
+
+
+def run_stage(config: CourseConfig) -> dict[str, Any]:
+    """The whole stage as notebook 03 runs it: sweep, keep the configured pruning, record it in the ledger."""
+    from course_utils.core.ledger import Ledger
+    from course_utils.vision.data import resolve_dataset
+    from course_utils.vision.finetune import course_model
+
+    model, dataset = course_model(config), resolve_dataset(config)
+    runs = sweep(model, dataset, config)
+    unpruned = prune_and_retrain(model, dataset, config, ratio=0.0)
+    kept = kept_run(model, dataset, config)
+    metrics = stage_metrics(unpruned, kept, runs, keep(kept, config), config)
+    Ledger(config.workspace).record("prune", metrics, replace=True)
+    return metrics
