@@ -10,7 +10,7 @@ SPEC ?= default
 # A portable llama.cpp build (no -march=native), so a pip-cached wheel runs on any x86_64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: venv course test lab doctor clean-workspace typecheck app prepare-demo
+.PHONY: venv course test lab doctor clean-workspace typecheck lint-imports app prepare-demo
 
 venv: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 course: venv
 	$(PY) -m course_utils run-all --spec $(SPEC)
 
-test: venv typecheck
+test: venv typecheck lint-imports
 	$(PY) -m pytest
 
 lab: venv
@@ -46,6 +46,10 @@ TYPECHECKED := course_utils/deploy/tensorrt_engines.py course_utils/deploy/runti
 	course_utils/deploy/calibration.py course_utils/deploy/ptq.py course_utils/app course_utils/core
 typecheck: venv
 	MYPYPATH=$$($(PY) tools/tensorrt_stubs.py) $(PY) -m mypy --follow-imports=silent $(TYPECHECKED)
+
+# The layer rules of pyproject's [tool.importlinter]: each layer imports only the layers below it; core no torch.
+lint-imports: venv
+	$(VENV)/bin/lint-imports
 
 clean-workspace:
 	rm -rf workspace

@@ -19,9 +19,10 @@ from typing import Any
 
 from course_utils.core.config import load_config
 from course_utils.core.report import markdown_table
+from course_utils.core.timing import measure_latency
 from course_utils.deploy import ptq
 from course_utils.deploy.calibration import build_calibration_set
-from course_utils.deploy.runtimes import OrtRunner, measure_latency, validation_arrays
+from course_utils.deploy.runtimes import OrtRunner, validation_arrays
 from course_utils.vision.data import resolve_dataset
 
 

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from course_utils.core.report import markdown_table
-from course_utils.deploy.runtimes import OrtRunner, TorchRunner, benchmark, results_rows
+from course_utils.deploy.runtimes import OrtRunner, benchmark, results_rows
+from course_utils.vision.inference import TorchRunner
 
 
 def export(model: object, path: Path, size: int) -> Path:

@@ -65,7 +65,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from course_utils.core.report import write_report
 
     config = _config(args)
-    for path in write_report(Ledger(config.workspace).read(), config.workspace):
+    for path in write_report(Ledger(config.workspace), config.workspace):
         print(path)
     return 0
 
@@ -84,104 +84,49 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from course_utils.core.ledger import Ledger
-    from course_utils.vision.data import resolve_dataset
-    from course_utils.vision.finetune import models_dir, summary, train_classifier
-    from course_utils.vision.zoo import save_classifier
+    from course_utils.vision import finetune
 
-    config = _config(args)
-    dataset = resolve_dataset(config)
-    model, result, evaluation = train_classifier(config, dataset)
-    saved = save_classifier(model, models_dir(config) / "finetuned.pt")
-    metrics = {**summary(model, result, evaluation, dataset), "checkpoint": str(saved)}
-    Ledger(config.workspace).record("finetune", metrics)
-    print(json.dumps(metrics, indent=2))
+    result = finetune.run(_config(args))
+    print(json.dumps({"checkpoint": result.record.checkpoint.path, **result.record.metrics}, indent=2))
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from course_utils.vision.prune import PruningError, run_stage
+    from course_utils.vision import prune
 
-    try:
-        metrics = run_stage(_config(args))
-    except PruningError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(metrics, indent=2))
+    result = prune.run(_config(args))
+    print(json.dumps(result.record.metrics, indent=2))
+    print(f"ships: the {result.deployed.kind} model, because {result.deployed.reason}")
     return 0
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from course_utils.core.environment import tensorrt_version
-    from course_utils.core.ledger import Ledger
     from course_utils.deploy import tensorrt_engines as te
-    from course_utils.vision.data import resolve_dataset
-    from course_utils.vision.zoo import entry
 
-    config = _config(args)
-    model = te.course_onnx_model(config)
-    installed = tensorrt_version()
-    target = args.plan_for or installed or te.JETPACK_TENSORRT["JetPack 6.1 / 6.2"]
-    gpu = (te.detect_gpu() if installed and not args.plan_for else None) or te.JETSON_ORIN
-    if installed is None and not args.plan_for:
-        print(f"TensorRT is not installed here: this is the plan for TensorRT {target} on {gpu.name}.\n")
-    print(te.build_route(target).explain() + "\n")
-    print(te.plans_text(te.course_plans(config, model, target, gpu)))
-    if args.plan_for or installed is None:
-        return 0 if args.plan_for else 1
-    builds = te.build_course_engines(config, resolve_dataset(config), model,
-                                     entry(config.model.backbone).preprocessing.eval_transform())
-    metrics = te.build_metrics(builds)
-    Ledger(config.workspace).record("engines", {**metrics, "tensorrt": installed})
-    print(json.dumps(metrics, indent=2))
-    return 0
+    stage = te.run(_config(args), plan_for=args.plan_for)
+    if not stage.built_here and not args.plan_for:
+        print(f"TensorRT is not installed here: this is the plan for TensorRT {stage.target} on {stage.gpu.name}.\n")
+    print(te.build_route(stage.target).explain() + "\n")
+    print(te.plans_text(stage.plans))
+    if stage.built_here:
+        print(json.dumps(stage.record.metrics, indent=2))
+    return 0 if stage.built_here or args.plan_for else 1
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from course_utils.core.environment import tensorrt_version
-    from course_utils.core.ledger import Ledger
-    from course_utils.deploy.onnx_export import deployed_model
-    from course_utils.deploy.runtimes import (
-        benchmark,
-        course_runners,
-        ledger_metrics,
-        results_markdown,
-        validation_arrays,
-    )
-    from course_utils.deploy.tensorrt_engines import built_engines, course_onnx_model
-    from course_utils.vision.data import resolve_dataset
+    from course_utils.deploy.runtimes import results_markdown, run_benchmark
 
-    config = _config(args)
-    (model, _), onnx_model = deployed_model(config), course_onnx_model(config)
-    images, labels = validation_arrays(resolve_dataset(config).samples["val"], model.preprocessing.eval_transform())
-    runners = course_runners(model, onnx_model.path, config.benchmark.threads, config.workspace,
-                             built_engines(config, onnx_model), config.engine.batch_max)
-    try:
-        results = benchmark(runners, config.benchmark.batch_sizes, onnx_model.input_size, config.benchmark.warmup,
-                            config.benchmark.iterations, images, labels)
-    finally:
-        for runner in runners:
-            runner.close()
-    ledger = Ledger(config.workspace)
-    build_seconds = ledger.stage("engines").get("build_seconds", {})
-    ledger.record("engines", {**ledger_metrics(results, build_seconds), "tensorrt": tensorrt_version()})
-    print(results_markdown(results))
+    print(results_markdown(run_benchmark(_config(args)).results))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from course_utils.core.ledger import Ledger
-    from course_utils.deploy import onnx_export as ox
+    from course_utils.deploy import onnx_export
 
-    config = _config(args)
-    artifacts = ox.course_onnx(config, rebuild=args.rebuild)
-    latency = ox.onnxruntime_cpu_latency_ms(artifacts.optimized_path, artifacts.input_size,
-                                            warmup=config.benchmark.warmup, iterations=config.benchmark.iterations,
-                                            threads=config.benchmark.threads)
-    metrics = ox.stage_metrics(artifacts, latency)
-    Ledger(config.workspace).record("onnx", metrics)
-    print(ox.steps_markdown(artifacts) + "\n")
-    print(json.dumps(metrics, indent=2))
+    stage = onnx_export.run(_config(args), rebuild=args.rebuild)
+    print(onnx_export.steps_markdown(stage.artifacts) + "\n")
+    print(f"exported the {stage.deployed.kind} model ({stage.deployed.reason})")
+    print(json.dumps(stage.record.metrics, indent=2))
     return 0
 
 
@@ -212,16 +157,16 @@ def cmd_serve_app(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from course_utils.deploy.ptq import run_ptq
+    from course_utils.deploy import ptq
 
-    print(json.dumps(run_ptq(_config(args)), indent=2))
+    print(json.dumps(ptq.run(_config(args)).record.metrics, indent=2))
     return 0
 
 
 def cmd_qat(args: argparse.Namespace) -> int:
-    from course_utils.deploy.qat import run_qat
+    from course_utils.deploy import qat
 
-    print(json.dumps(run_qat(_config(args)).ledger(), indent=2))
+    print(json.dumps(qat.run(_config(args)).ledger(), indent=2))
     return 0
 
 
@@ -314,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--spec", default=None, help="spec name in data/specs or a YAML path (default: $COURSE_SPEC or default)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set train.epochs_head=1 (repeatable)")
+    common.add_argument("--debug", action="store_true", help="show the full traceback of the course's own errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (func, help_text) in COMMANDS.items():
         command = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
@@ -353,9 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from course_utils.core.errors import CourseError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as error:
+    except CourseError as error:  # a problem the user can fix: its message alone (any other error is a bug)
+        if args.debug:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -61,7 +61,7 @@ def dataset_status(config: CourseConfig) -> dict[str, str]:
 
 def doctor_report(config: CourseConfig, probe_network: bool = True) -> dict[str, Any]:
     """The environment, the assets and the next steps, as one JSON-ready mapping."""
-    env = detect_environment(probe_network=probe_network)
+    env = detect_environment(probe_network=probe_network, offline=config.offline)
     assets = offline_assets()
     datasets = dataset_status(config)
     steps = [f"{name}: {info['fix']}" for name, info in assets.items() if not info["present"]]

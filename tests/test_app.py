@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,7 +17,7 @@ from PIL import Image
 
 from course_utils.app import catalog, demo, server, widgets
 from course_utils.app.canvas import Cancelled, NarrativeCanvas, Task, explain
-from course_utils.core.config import CourseConfig
+from course_utils.core.config import CourseConfig, load_config
 from course_utils.core.ledger import Ledger
 from course_utils.genai.llm import LLMEndpointError
 from course_utils.lessons import exercises
@@ -104,40 +105,47 @@ def test_html_fragments_escape_what_they_show() -> None:
     assert "line<br>two" in widgets.story_html("line\ntwo")
 
 
-def test_the_checkpoint_path_matches_the_fine_tuning_stage(config: CourseConfig) -> None:
-    from course_utils.vision.finetune import models_dir
+def test_only_runtimes_whose_artifacts_exist_are_offered(config: CourseConfig) -> None:
+    from course_utils.core.artifacts import FileRef, OnnxRecord, PtqRecord
 
-    assert catalog.finetuned_path(config) == models_dir(config) / "finetuned.pt"
-
-
-def test_only_runtimes_whose_artifacts_exist_are_offered(config: CourseConfig, tmp_path: Path) -> None:
-    finetuned = catalog.ModelChoice(catalog.FINETUNED, "fine-tuned", "efficientnet-lite0", ("ants", "bees"))
+    course = catalog.ModelChoice(catalog.DEPLOYED, "fine-tuned", "efficientnet-lite0", ("ants", "bees"), "abc")
     imagenet = catalog.ModelChoice("efficientnet-lite0", "ImageNet", "efficientnet-lite0")
-    assert [r.key for r in catalog.runtime_choices(config, finetuned)] == ["pytorch_fp32"]
-    onnx, int8 = tmp_path / "model.onnx", tmp_path / "model_int8.onnx"
+    assert [r.key for r in catalog.runtime_choices(config, course)] == ["pytorch_fp32"]
+    onnx, int8 = config.workspace / "model.onnx", config.workspace / "model_int8.onnx"
+    onnx.parent.mkdir(parents=True)
     onnx.write_bytes(b"onnx")
-    ledger = Ledger(config.workspace)
-    ledger.record("onnx", {"optimized_path": str(onnx)})
-    ledger.record("ptq", {"best_cpu_model_path": str(int8)})
-    assert [r.key for r in catalog.runtime_choices(config, finetuned)] == ["pytorch_fp32", "onnxruntime_fp32"]
     int8.write_bytes(b"int8")
-    offered = catalog.runtime_choices(config, finetuned)
+    ledger = Ledger(config.workspace)
+    exported = ledger.save(OnnxRecord(raw=FileRef.of(onnx, config.workspace), optimized=FileRef.of(onnx, config.workspace),
+                                      source="finetuned", backbone="efficientnet-lite0", input_name="images",
+                                      output_name="logits", input_size=224, made_from={"model": "abc"}))
+    ledger.save(PtqRecord(cpu_int8=FileRef.of(int8, config.workspace), made_from={"onnx": exported.optimized.sha256}))
+    int8.unlink()
+    assert [r.key for r in catalog.runtime_choices(config, course)] == ["pytorch_fp32", "onnxruntime_fp32"]
+    int8.write_bytes(b"int8")
+    offered = catalog.runtime_choices(config, course)
     assert [(r.key, r.path) for r in offered] == [("pytorch_fp32", None), ("onnxruntime_fp32", onnx),
                                                   ("onnxruntime_int8", int8)]
     assert [r.key for r in catalog.runtime_choices(config, imagenet)] == ["pytorch_fp32"]
 
 
-def test_model_choices_find_the_fine_tuned_model_and_are_cached(config: CourseConfig,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_choices_find_the_deployed_model_and_cache_the_rest(config: CourseConfig,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from course_utils.core.artifacts import FileRef, FinetuneRecord
     from course_utils.vision import zoo
 
-    assert catalog.FINETUNED not in [c.key for c in catalog.model_choices(config)]
-    zoo.save_classifier(zoo.load("lite0", ["ants", "bees"], pretrained=False), catalog.finetuned_path(config))
+    assert catalog.DEPLOYED not in [c.key for c in catalog.model_choices(config)]
+    path = zoo.save_classifier(zoo.load("lite0", ["ants", "bees"], pretrained=False),
+                               config.workspace / "models" / "finetuned.pt")
+    Ledger(config.workspace).save(FinetuneRecord(checkpoint=FileRef.of(path, config.workspace),
+                                                 backbone="efficientnet-lite0", dataset="d", classes=["ants", "bees"]))
     choices = catalog.model_choices(config)
-    assert choices[0].key == catalog.FINETUNED and choices[0].classes == ("ants", "bees")
+    assert choices[0].key == catalog.DEPLOYED and choices[0].classes == ("ants", "bees")
     assert "efficientnet-lite0" in [c.key for c in choices]
     monkeypatch.setattr(catalog, "_discover_models", lambda config: pytest.fail("the cache must answer"))
     assert catalog.model_choices(config) == choices
+    loaded = catalog.open_classifier(config, choices[0], catalog.runtime_choices(config, choices[0])[0])
+    assert loaded.classes == ["ants", "bees"]
 
 
 def _canvas(config: CourseConfig, monkeypatch: pytest.MonkeyPatch, stream: FakeStream) -> NarrativeCanvas:
@@ -257,9 +265,30 @@ def test_the_page_is_served_on_loopback_with_the_same_config(config: CourseConfi
     assert environ["COURSE_IMAGEGEN__STEPS"] == "3" and environ["COURSE_LLM__RAILS"] == "none"
 
 
+def test_serve_environment_round_trips_every_override(config: CourseConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [name for name in os.environ if name.upper().startswith("COURSE_")]:
+        monkeypatch.delenv(name)  # CI sets COURSE_DATA_CACHE; the kernel would inherit it
+    overrides = {"seed": 7, "train.epochs_head": 1, "engine.precisions": ["fp32"], "imagegen.vae_tiling": None,
+                 "engine.extra_profiles": [[1, 1, 1]], "llm.rails": "none", "prune.ratio": 0.5}
+    environ = server.serve_environment(config, overrides)
+    assert environ["COURSE_SEED"] == "7" and environ["COURSE_ENGINE__PRECISIONS"] == '["fp32"]'
+    served = load_config(environ=environ)
+    expected = load_config(config.spec, {"workspace": str(config.workspace), **overrides}, environ={})
+    assert served.model_dump() == expected.model_dump()
+    assert (served.seed, served.train.epochs_head, served.engine.precisions) == (7, 1, ["fp32"])
+    assert served.offline is config.offline is False
+    assert load_config(environ=server.serve_environment(config.model_copy(update={"offline": True}))).offline
+
+
 def test_the_demo_exercise_checks_the_set_of_steps() -> None:
     right = {step for step, ahead in exercises.DEMO_STEP_QUIZ.items() if ahead}
     assert exercises.check_demo_steps(right).passed
     assert not exercises.check_demo_steps(right | {"write the story"}).passed
     with pytest.raises(ExerciseFailed):
         exercises.check_demo_steps(right - {"calibrate INT8"}, strict=True)
+
+
+def test_prepare_demo_looks_before_it_builds_and_names_what_is_missing(config: CourseConfig) -> None:
+    steps = {step.name: step for step in demo.prepare_demo(config, build=False)}
+    assert steps["fine-tuned model"].status == "missing" and "notebook 02" in steps["fine-tuned model"].detail
+    assert steps["ONNX export"].status == "missing" and not (config.workspace / "train").exists()

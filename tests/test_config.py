@@ -57,3 +57,43 @@ def test_spec_file_with_a_base_and_a_cycle(tmp_path: Path) -> None:
     loop.write_text(f"base: {loop}\n")
     with pytest.raises(ConfigError, match="names itself"):
         load_config(loop, environ={})
+
+
+def test_top_level_settings_come_from_the_environment() -> None:
+    assert load_config(environ={"COURSE_OFFLINE": "1"}).offline is True
+    assert load_config(environ={}).offline is False
+    assert load_config("default", environ={"COURSE_SEED": "7"}).seed == 7
+
+
+def test_environment_beats_the_spec_and_overrides_beat_the_environment() -> None:
+    assert load_config("smoke", environ={}).train.epochs_head == 1
+    assert load_config("smoke", environ={"COURSE_TRAIN__EPOCHS_HEAD": "5"}).train.epochs_head == 5
+    config = load_config("smoke", {"seed": 3, "offline": False},
+                         environ={"COURSE_SEED": "7", "COURSE_OFFLINE": "true"})
+    assert config.seed == 3 and config.offline is False
+
+
+def test_course_spec_picks_the_spec_and_an_explicit_spec_wins() -> None:
+    assert load_config(environ={"COURSE_SPEC": "smoke"}).spec == "smoke"
+    assert load_config("default", environ={"COURSE_SPEC": "smoke"}).spec == "default"
+
+
+def test_environment_values_json_lists_and_null() -> None:
+    env = {"COURSE_ENGINE__PRECISIONS": '["fp32", "int8"]', "COURSE_IMAGEGEN__OFFLINE_FALLBACK": "null",
+           "course_train__unfreeze": "all"}
+    config = load_config("default", environ=env)
+    assert config.engine.precisions == ["fp32", "int8"]
+    assert config.imagegen.offline_fallback is None and config.train.unfreeze == "all"
+    with pytest.raises(ConfigError, match="JSON"):
+        load_config("default", environ={"COURSE_ENGINE__PRECISIONS": "[fp32"})
+
+
+def test_environment_typos_suggest_the_closest_name() -> None:
+    with pytest.raises(ConfigError, match="COURSE_TRIAN__EPOCHS_HEAD.*did you mean 'train'"):
+        load_config("default", environ={"COURSE_TRIAN__EPOCHS_HEAD": "1"})
+    with pytest.raises(ConfigError, match="did you mean 'epochs_head'"):
+        load_config("default", environ={"COURSE_TRAIN__EPOCH_HEAD": "1"})
+    with pytest.raises(ConfigError, match="did you mean 'seed'"):
+        load_config("default", environ={"COURSE_SEDE": "1"})
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config("default", environ={"COURSE_SEED__X": "1"})

@@ -1,5 +1,7 @@
 import shutil
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +51,68 @@ def test_odd_images_are_converted_and_bad_ones_skipped(tmp_path: Path) -> None:
     _save(truncated, size=(256, 256))
     truncated.write_bytes(truncated.read_bytes()[:300])
     (ants / "readme.txt").write_text("ignored: not an image suffix")
-    with pytest.warns(UserWarning, match="Skipped 5"):
+    with pytest.warns(UserWarning, match="Skipped 3"):
         dataset = read_image_folder(root)
     reasons = {s.path.name: s.reason for s in dataset.skipped}
-    assert set(reasons) == {"cmyk.jpg", "sixteen.png", "empty.jpg", "notes.jpg", "truncated.jpg"}
-    assert "CMYK" in reasons["cmyk.jpg"] and "0 bytes" in reasons["empty.jpg"]
-    assert dataset.counts()["train"] == {"ants": 6, "bees": 3}
-    for name in ("grey.png", "alpha.png", "palette.gif"):
+    assert set(reasons) == {"empty.jpg", "notes.jpg", "truncated.jpg"}
+    assert "0 bytes" in reasons["empty.jpg"]
+    assert dataset.counts()["train"] == {"ants": 8, "bees": 3}
+    conversions = {c.path.name: c.conversion for c in dataset.converted}
+    assert set(conversions) == {"grey.png", "alpha.png", "palette.gif", "cmyk.jpg", "sixteen.png"}
+    assert "CMYK" in conversions["cmyk.jpg"] and "16-bit" in conversions["sixteen.png"]
+    assert dataset.summary()["converted"] == 5 and dataset.summary()["skipped"] == 3
+    for name in conversions:
         assert data.load_rgb(ants / name).mode == "RGB"
+
+
+def _png16_rgb(path: Path, pixels: np.ndarray) -> Path:
+    """A 16-bit-per-channel RGB PNG, written by hand (Pillow reads these but cannot write them)."""
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    height, width, _ = pixels.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_cmyk_and_16_bit_images_are_converted_not_skipped(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "set")
+    bees = root / "train" / "bees"
+    Image.new("CMYK", (16, 8), (0, 255, 255, 0)).save(bees / "cmyk.jpg", quality=95)  # pure red in CMYK
+    gradient = np.linspace(0, 65535, 257).round().astype(np.uint16)  # 0, 255.9..., 32768 (index 128), ..., 65535
+    Image.fromarray(np.tile(gradient, (4, 1))).save(bees / "grey16.png")
+    _png16_rgb(bees / "rgb16.png", np.stack([np.tile(gradient, (4, 1))] * 3, axis=-1))
+    with Image.open(bees / "grey16.png") as opened:
+        assert opened.mode in data.SIXTEEN_BIT_GREY_MODES
+    dataset = read_image_folder(root)
+    assert dataset.skipped == []
+    conversions = {c.path.name: c.conversion for c in dataset.converted}
+    assert set(conversions) == {"cmyk.jpg", "grey16.png", "rgb16.png"}
+    assert "CMYK" in conversions["cmyk.jpg"] and "16-bit" in conversions["grey16.png"] + conversions["rgb16.png"]
+    assert dataset.counts()["train"]["bees"] == 6
+    red = np.asarray(data.load_rgb(bees / "cmyk.jpg"))
+    assert red.dtype == np.uint8 and red.shape == (8, 16, 3)
+    assert red[..., 0].min() > 240 and red[..., 1:].max() < 15
+    for name in ("grey16.png", "rgb16.png"):
+        pixels = np.asarray(data.load_rgb(bees / name))
+        assert pixels.dtype == np.uint8 and pixels.shape == (4, 257, 3), name
+        assert pixels.max() == 255 and pixels[0, -1].tolist() == [255, 255, 255], name  # scaled, not clipped
+        assert pixels[0, 0].tolist() == [0, 0, 0] and abs(int(pixels[0, 128, 0]) - 128) <= 1, name
+        assert abs(int(pixels[0, 64, 0]) - 64) <= 1, name  # a quarter of the range is a quarter of 255
+
+
+def test_pixels_pillow_cannot_make_8_bit_stay_skipped_with_a_reason(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "set")
+    ants = root / "train" / "ants"
+    Image.fromarray(np.full((4, 4), 100_000, dtype=np.int32)).save(ants / "wide.tif")
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(ants / "float.tif")
+    with pytest.warns(UserWarning, match="Skipped 2"):
+        dataset = read_image_folder(root)
+    reasons = {s.path.name: s.reason for s in dataset.skipped}
+    assert "outside 0..65535" in reasons["wide.tif"] and "pixel mode F" in reasons["float.tif"]
 
 
 def test_transparency_is_composited_on_white(tmp_path: Path) -> None:

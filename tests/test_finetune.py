@@ -98,7 +98,10 @@ def test_head_parameter_exercise() -> None:
     assert not exercises.check_head_parameters(model, 1280 * 2).passed
 
 
-def test_course_model_outside_smoke_mode_names_the_notebook(config: CourseConfig) -> None:
-    config.spec = "default"
-    with pytest.raises(FileNotFoundError, match="notebook 02"):
-        finetune.course_model(config)
+def test_a_missing_fine_tuned_model_names_the_notebook_and_trains_nothing(config: CourseConfig) -> None:
+    from course_utils.core.artifacts import MissingArtifactError
+    from course_utils.vision.deployment import load_finetuned
+
+    with pytest.raises(MissingArtifactError, match="notebook 02"):
+        load_finetuned(config)  # in smoke mode too: no stage quietly trains a model
+    assert not (config.workspace / "train").exists()

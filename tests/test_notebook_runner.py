@@ -22,15 +22,17 @@ def test_run_all_executes_in_order_and_writes_the_report(tmp_path: Path, config:
     folder = tmp_path / "notebooks"
     folder.mkdir()
     monkeypatch.setenv("COURSE_WORKSPACE", str(config.workspace))
-    record = ("from course_utils.core.config import load_config\nfrom course_utils.core.ledger import Ledger\n"
-              "c = load_config(SPEC)\nLedger(c.workspace).record('{stage}', {{'spec': SPEC, 'order': {order}}})")
-    _notebook(folder / "01_second.ipynb", record.format(stage="finetune", order=2))
-    _notebook(folder / "00_first.ipynb", record.format(stage="environment", order=1))
+    record = ("from course_utils.core import artifacts\nfrom course_utils.core.config import load_config\n"
+              "from course_utils.core.ledger import Ledger\nc = load_config(SPEC)\n"
+              "Ledger(c.workspace).save(artifacts.{kind}(metrics={{'spec': SPEC, 'order': {order}}}))")
+    _notebook(folder / "01_second.ipynb", record.format(kind="ZooRecord", order=2))
+    _notebook(folder / "00_first.ipynb", record.format(kind="EnvironmentRecord", order=1))
     _notebook(folder / "notes.ipynb", "raise RuntimeError('not a course notebook')")
     assert [p.name for p in course_notebooks(folder)] == ["00_first.ipynb", "01_second.ipynb"]
     run_dir = run_all(config, folder=folder)
     assert sorted(p.name for p in run_dir.glob("*.ipynb")) == ["00_first.ipynb", "01_second.ipynb"]
     results = json.loads((config.workspace / "results.json").read_text())
-    assert results["finetune"]["spec"] == "smoke" and set(results["course"]["notebooks"]) == {"00_first", "01_second"}
+    assert results["zoo"]["metrics"]["spec"] == "smoke"
+    assert set(results["course"]["metrics"]["notebooks"]) == {"00_first", "01_second"}
     report = (run_dir / "report.md").read_text()
-    assert report.index("00 · Machine") < report.index("02 · Fine-tuning") and (run_dir / "report.html").exists()
+    assert report.index("00 · Machine") < report.index("01 · Pretrained") and (run_dir / "report.html").exists()

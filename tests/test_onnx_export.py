@@ -284,35 +284,39 @@ def test_stale_artifacts_are_rebuilt(built: ox.OnnxArtifacts, stage_config: Cour
 
 
 def test_stage_metrics_fit_the_ledger(built: ox.OnnxArtifacts, stage_config: CourseConfig) -> None:
-    latency = ox.onnxruntime_cpu_latency_ms(built.optimized_path, SMALL, batches=(1, 8), warmup=0, iterations=2)
+    from course_utils.core.artifacts import FileRef, OnnxRecord
+
+    latency = ox.onnx_latency_ms(built.optimized_path, SMALL, stage_config, batches=(1, 8))
     assert set(latency) == {1, 8} and all(ms > 0 for ms in latency.values())
     metrics = ox.stage_metrics(built, latency)
-    Ledger(stage_config.workspace).record("onnx", metrics)
-    recorded = Ledger(stage_config.workspace).stage("onnx")
+    ledger = Ledger(stage_config.workspace)
+    ledger.save(OnnxRecord(raw=FileRef.of(built.raw_path, stage_config.workspace),
+                           optimized=FileRef.of(built.optimized_path, stage_config.workspace), source="given",
+                           backbone=built.backbone, input_name=built.input_name, output_name=built.output_name,
+                           input_size=built.input_size, made_from={"model": "abc"}, metrics=metrics))
+    recorded = ledger.require(OnnxRecord, made_from={"model": "abc"})
     for key in ("nodes_raw", "nodes_optimized", "parity_max_abs_diff", "opset", "exporter", "latency_ms_b1",
-                "latency_ms_b8", "optimized_path", "raw_path", "input_name", "output_name", "model_sha256",
-                "input_size"):
-        assert key in recorded, key
-    assert recorded["input_size"] == SMALL and recorded["opset"] == 17 and recorded["input_name"] == "images"
+                "latency_ms_b8"):
+        assert key in recorded.metrics, key
+    assert recorded.input_size == SMALL and recorded.metrics["opset"] == 17 and recorded.input_name == "images"
+    assert recorded.optimized.resolve(stage_config.workspace) == built.optimized_path
     assert "| pipeline | onnxslim |" in ox.steps_markdown(built)
     assert ox.op_histogram_figure(built.stats("raw"), built.stats("optimized")).axes
 
 
-def test_deployed_model_prefers_the_pruned_model(config: CourseConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    from course_utils.vision import finetune
+def test_the_deployed_model_loads_by_its_kind(config: CourseConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from course_utils.core.artifacts import DeployedModel, FileRef
+    from course_utils.vision import deployment
 
-    monkeypatch.setattr(finetune, "course_model", lambda cfg: "finetuned model")
-    assert ox.deployed_model(config) == ("finetuned model", "finetuned")
     pruned = config.workspace / "models" / "pruned.pt"
-    Ledger(config.workspace).record("prune", {"model_path": str(pruned)})
-    with pytest.raises(FileNotFoundError, match="notebook 03"):
-        ox.deployed_model(config)
     pruned.parent.mkdir(parents=True, exist_ok=True)
     pruned.write_bytes(b"weights")
     fake = types.ModuleType("course_utils.vision.prune")
     fake.load_pruned = lambda path: f"pruned model from {Path(path).name}"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "course_utils.vision.prune", fake)
-    assert ox.deployed_model(config) == ("pruned model from pruned.pt", "pruned")
+    shipped = DeployedModel(kind="pruned", model=FileRef.of(pruned, config.workspace), backbone="lite0",
+                            classes=["a", "b"], reason="it meets its target")
+    assert deployment.load_model(shipped, config.workspace) == "pruned model from pruned.pt"
 
 
 def test_exercise_checks(lite0_onnx: Path, built: ox.OnnxArtifacts) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from course_utils.core.config import CourseConfig, load_config
 from course_utils.core.downloads import sha256_file
+from course_utils.core.artifacts import PtqRecord
 from course_utils.core.ledger import Ledger, LedgerError
 from course_utils.deploy import ptq
 from course_utils.deploy.calibration import CalibrationSet
@@ -159,12 +160,13 @@ def test_best_models_and_ledger_figures(tmp_path: Path) -> None:
     calibration = CalibrationSet((), images(8, 0), 4, 0)
     metrics = ptq.ptq_metrics(fp32, variants, [{"calibration_images": 8, "val_top1": 0.9, "top1_drop_vs_fp32": 0.0,
                                                 "agreement_with_fp32": 1.0}], "minmax", calibration)
-    assert metrics["best_cpu_model_path"] == "better.onnx" and metrics["tensorrt_qdq_path"] == "modelopt-max.onnx"
+    assert metrics["best_cpu_variant"] == "better" and metrics["tensorrt_qdq_variant"] == "modelopt-max"
     assert metrics["best_cpu_speedup_b8"] == 3.0 and metrics["variants"]["better"]["top1_drop_vs_fp32"] < 0
-    Ledger(tmp_path).record("ptq", metrics)  # an INT8 model better than FP32 is a negative drop, and allowed
+    Ledger(tmp_path).save(PtqRecord(metrics=metrics))  # an INT8 model better than FP32 is a negative drop: allowed
     with pytest.raises(LedgerError):
-        Ledger(tmp_path).record("ptq", {"top1_drop_vs_fp32": -1.5})  # a difference of fractions is within [-1, 1]
-    assert Ledger(tmp_path).stage("ptq")["ablation"]["8_images"]["val_top1"] == 0.9
+        Ledger(tmp_path).save(PtqRecord(metrics={"top1_drop_vs_fp32": -1.5}))  # a difference of fractions: [-1, 1]
+    recorded = Ledger(tmp_path).load(PtqRecord)
+    assert recorded is not None and recorded.metrics["ablation"]["8_images"]["val_top1"] == 0.9
 
 
 def test_ablation_sizes_are_whole_batches_within_the_set() -> None:

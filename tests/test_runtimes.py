@@ -1,4 +1,4 @@
-"""The runner interface on the CPU (PyTorch and ONNX Runtime agree) and the benchmark's statistics."""
+"""Runners on the CPU (PyTorch and ONNX Runtime agree), the one timer and the benchmark's statistics."""
 
 from __future__ import annotations
 
@@ -8,17 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from course_utils.core import timing
+from course_utils.core.config import CourseConfig, load_config
+from course_utils.core.artifacts import BenchmarkRecord
 from course_utils.core.ledger import Ledger
+from course_utils.core.timing import Latency, Runner, RuntimeUnavailableError
 from course_utils.deploy import runtimes as rt
-from course_utils.deploy.runtimes import (
-    Latency,
-    OrtRunner,
-    Runner,
-    RuntimeResult,
-    RuntimeUnavailableError,
-    TorchRunner,
-)
+from course_utils.deploy.runtimes import OrtRunner, RuntimeResult
 from course_utils.lessons import exercises
+from course_utils.vision.inference import TorchRunner
 
 torch = pytest.importorskip("torch")
 
@@ -96,7 +94,8 @@ def test_runner_keys() -> None:
 def test_latency_statistics_on_a_fake_clock() -> None:
     clock = [0.0]
     runner = FakeRunner([float(ms) for ms in range(1, 11)], clock)
-    latency = rt.measure_latency(runner, batch=4, input_size=8, warmup=10, iterations=10, clock=lambda: clock[0])
+    latency = timing.measure_latency(runner, batch=4, input_size=8, warmup=10, iterations=10,
+                                     clock=lambda: clock[0])
     assert runner.runs == runner.syncs == 20 and set(runner.batches) == {4}
     assert latency.p50_ms == pytest.approx(5.5)
     assert latency.p90_ms == pytest.approx(9.1)
@@ -122,8 +121,9 @@ def test_benchmark_rows_accuracy_and_ledger(tmp_path: Path) -> None:
     assert metrics["fake_fp32"]["latency_ms_p50_b8"] == 2.0 and metrics["fake_fp32"]["throughput_b8"] == 4000.0
     assert "throughput_b8" not in metrics["fake_int8"] and metrics["fake_int8"]["build_seconds"] == 12.5
     assert "build_seconds" not in metrics["fake_fp32"]
-    Ledger(tmp_path).record("engines", metrics)
-    assert Ledger(tmp_path).stage("engines")["fake_fp32"]["val_top1"] == pytest.approx(0.6)
+    Ledger(tmp_path).save(BenchmarkRecord(metrics=metrics))
+    recorded = Ledger(tmp_path).load(BenchmarkRecord)
+    assert recorded is not None and recorded.metrics["fake_fp32"]["val_top1"] == pytest.approx(0.6)
     assert "| fake | int8 | cpu |" in rt.results_markdown(results)
 
 
@@ -168,10 +168,54 @@ def test_validation_arrays_use_the_given_transform(tmp_path: Path) -> None:
     assert images[1, 0, 0, 0] == 200.0 and labels.tolist() == [0, 1]
 
 
-def test_course_runners_add_the_ptq_int8_model(tiny: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
+def test_course_runners_add_the_int8_model_of_this_onnx_only(tiny: tuple[torch.nn.Module, Path],
+                                                              config: CourseConfig) -> None:
+    from course_utils.core.artifacts import FileRef, PtqRecord
+    from course_utils.core.downloads import sha256_file
+
     net, path = tiny
-    keys = [r.key for r in rt.course_runners(net, path, 1, tmp_path)]
+    assert rt.ptq_cpu_model(config, sha256_file(path)) is None
+    keys = [r.key for r in rt.course_runners(net, path, 1)]
     assert keys == ["pytorch_fp32", "onnxruntime_fp32"]
-    Ledger(tmp_path).record("ptq", {rt.PTQ_CPU_KEY: str(path)})  # any ONNX stands in for the INT8 model
-    runners = rt.course_runners(net, path, 1, tmp_path)
+    int8 = config.workspace / "int8.onnx"
+    int8.parent.mkdir(parents=True, exist_ok=True)
+    int8.write_bytes(path.read_bytes())  # any ONNX stands in for the INT8 model
+    Ledger(config.workspace).save(PtqRecord(cpu_int8=FileRef.of(int8, config.workspace),
+                                            made_from={"onnx": sha256_file(path)}))
+    assert rt.ptq_cpu_model(config, "another export") is None
+    assert rt.ptq_cpu_model(config, sha256_file(path)) == int8
+    runners = rt.course_runners(net, path, 1, rt.ptq_cpu_model(config, sha256_file(path)))
     assert [r.key for r in runners] == ["pytorch_fp32", "onnxruntime_fp32", "onnxruntime_int8"]
+
+
+def test_every_stage_latency_comes_from_the_one_timer(tiny: tuple[torch.nn.Module, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zoo and pruning (``cpu_latency_ms``), the ONNX stage, the INT8 stage and the runtime benchmark
+    all report what ``core.timing.measure_latency`` measured, with the spec's warm-up and iterations."""
+    from course_utils.deploy import onnx_export, ptq
+    from course_utils.vision import zoo
+
+    net, path = tiny
+    assert rt.measure_latency is timing.measure_latency  # the benchmark (notebook 05) calls the same function
+    calls: list[tuple[Runner, int, int, int, int]] = []
+
+    def spy(runner: Runner, batch: int, input_size: int, warmup: int, iterations: int, clock: object = None
+            ) -> Latency:
+        calls.append((runner, batch, input_size, warmup, iterations))
+        return Latency(batch, iterations, 100.0 + batch, 200.0, 300.0, 150.0)  # no figure any other way
+
+    monkeypatch.setattr(timing, "measure_latency", spy)
+    config = load_config("smoke", {"workspace": str(tmp_path), "benchmark.warmup": 1,
+                                   "benchmark.iterations": 2, "benchmark.threads": 1}, environ={})
+
+    assert zoo.cpu_latency_ms(net, 32, batch=4, warmup=1, iterations=2) == 104.0
+    assert isinstance(calls[-1][0], TorchRunner) and calls[-1][1:] == (4, 32, 1, 2)
+
+    onnx_batches = onnx_export.LATENCY_BATCHES
+    assert onnx_export.onnx_latency_ms(path, 32, config) == {b: 100.0 + b for b in onnx_batches}
+    assert all(isinstance(c[0], OrtRunner) and c[2:] == (32, 1, 2) for c in calls[-len(onnx_batches):])
+
+    images = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    _, p50 = ptq._measure(path, "fp32", images, config, latency=True)
+    assert p50 == {b: 100.0 + b for b in ptq.LATENCY_BATCHES}
+    assert all(isinstance(c[0], OrtRunner) and c[2:] == (32, 1, 2) for c in calls[-len(ptq.LATENCY_BATCHES):])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from course_utils.core.config import CourseConfig, load_config
+from course_utils.core.artifacts import FileRef, PtqRecord
 from course_utils.core.ledger import Ledger
 from course_utils.deploy import tensorrt_engines as te
 from course_utils.deploy.tensorrt_engines import (
@@ -203,9 +204,13 @@ def test_course_plans_read_the_ptq_qdq_model(config: CourseConfig, tmp_path: Pat
     onnx_model = model(tmp_path)
     plans = te.course_plans(config, onnx_model, "11.0.0", ORIN)
     assert isinstance(plans["int8"], EngineBuildError) and isinstance(plans["fp32"], te.EnginePlan)
-    qdq = tmp_path / "qdq.onnx"
+    ledger = Ledger(config.workspace)
+    qdq = config.workspace / "int8" / "qdq.onnx"
+    qdq.parent.mkdir(parents=True)
     qdq.write_bytes(b"q/dq")
-    Ledger(config.workspace).record("ptq", {te.PTQ_QDQ_KEY: str(qdq)})
+    ledger.save(PtqRecord(tensorrt_qdq=FileRef.of(qdq, config.workspace), made_from={"onnx": "another export"}))
+    assert isinstance(te.course_plans(config, onnx_model, "11.0.0", ORIN)["int8"], EngineBuildError)
+    ledger.save(PtqRecord(tensorrt_qdq=FileRef.of(qdq, config.workspace), made_from={"onnx": onnx_model.sha256}))
     planned = te.course_plans(config, onnx_model, "11.0.0", ORIN)["int8"]
     assert isinstance(planned, te.EnginePlan) and planned.source == qdq
 

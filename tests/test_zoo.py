@@ -99,3 +99,10 @@ def test_normalisation_exercise() -> None:
     assert not exercises.check_normalised_white(model, 2.2489).passed
     with pytest.raises(ExerciseFailed):
         exercises.check_normalised_white(model, 0.5, strict=True)
+
+
+def test_cpu_latency_is_the_p50_of_the_one_timer() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    threads = torch.get_num_threads()
+    assert zoo.cpu_latency_ms(net, 16, batch=2, threads=1, warmup=1, iterations=3) > 0
+    assert torch.get_num_threads() == threads  # the runner's thread setting does not leak

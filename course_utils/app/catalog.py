@@ -12,18 +12,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from course_utils.core.config import CourseConfig
+from course_utils.core.errors import CourseError
 
 if TYPE_CHECKING:
+    from course_utils.core.artifacts import OnnxRecord
     from PIL.Image import Image
 
-    from course_utils.deploy.runtimes import Runner
+    from course_utils.core.timing import Runner
 
 LOG = logging.getLogger(__name__)
 IMAGENET_MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
-FINETUNED = "finetuned"
+DEPLOYED = "course"  # the key of the course's own (deployed) model
 
 
-class AppError(RuntimeError):
+class AppError(CourseError, RuntimeError):
     """Something the app's user can fix (too many images, a file that is no image, a missing artifact)."""
 
 
@@ -32,139 +34,128 @@ class AppError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """A classifier the app offers: the course's fine-tuned model, or an ImageNet model that ships offline.
+    """A classifier the app offers: the course's deployed model, or an ImageNet model that ships offline.
 
-    ``classes`` names the fine-tuned model's outputs (empty for ImageNet models, which name their own).
+    ``classes`` names the course model's outputs (empty for ImageNet models, which name their own);
+    ``network_sha256`` is the deployed model's file hash (``made_from["model"]`` of everything made from it).
     """
 
     key: str
     label: str
     backbone: str
     classes: tuple[str, ...] = ()
+    network_sha256: str = ""
+    kind: str = "imagenet"  # "finetuned" or "pruned" for the course model
 
 
 @dataclass(frozen=True)
 class RuntimeChoice:
-    """One way to run a model: ``pytorch``, ``onnxruntime`` or ``tensorrt`` at a precision, from an artifact."""
+    """One way to run a model: ``pytorch``, ``onnxruntime`` or ``tensorrt`` at a precision, from an artifact.
+
+    ``network_sha256`` names the network it runs (the deployed model's hash): every runtime offered for the
+    course model runs the same network.
+    """
 
     key: str
     label: str
     runtime: str
     precision: str
     path: Path | None = None
+    network_sha256: str = ""
 
 
-def finetuned_path(config: CourseConfig) -> Path:
-    """The fine-tuned checkpoint notebook 02 (or ``prepare-demo``) writes.
+def _course_model(config: CourseConfig) -> ModelChoice | None:
+    from course_utils.core.artifacts import MissingArtifactError, StaleArtifactError
+    from course_utils.core.ledger import Ledger, deployed_model
 
-    The same path as ``finetune.models_dir(config) / "finetuned.pt"`` (a test holds them equal), spelled out
-    here because importing ``finetune`` imports PyTorch, seconds the app's first page must not wait for.
-    """
-    return config.workspace / "models" / "finetuned.pt"
-
-
-def _finetuned_header(path: Path) -> dict[str, Any]:
-    import torch
-
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return {"backbone": payload["backbone"], "classes": list(payload["classes"])}
+    try:
+        deployed = deployed_model(Ledger(config.workspace))
+    except (MissingArtifactError, StaleArtifactError):
+        return None
+    classes = ", ".join(deployed.classes[:4]) + (" …" if len(deployed.classes) > 4 else "")
+    return ModelChoice(DEPLOYED, f"{deployed.backbone} {deployed.kind.replace('finetuned', 'fine-tuned')} ({classes})",
+                       deployed.backbone, tuple(deployed.classes), deployed.sha256, deployed.kind)
 
 
 def _discover_models(config: CourseConfig) -> list[ModelChoice]:
     from course_utils.vision.zoo import entry, local_weights
 
-    choices = []
-    path = finetuned_path(config)
-    if path.exists():
-        header = _finetuned_header(path)
-        classes = ", ".join(header["classes"][:4]) + (" …" if len(header["classes"]) > 4 else "")
-        choices.append(ModelChoice(FINETUNED, f"{header['backbone']} fine-tuned ({classes})", header["backbone"],
-                                   tuple(header["classes"])))
     cache = config.workspace / "cache"
-    choices += [ModelChoice(name, f"{name} ImageNet (1000 classes)", name)
-                for name in IMAGENET_MODELS if local_weights(entry(name), cache) is not None]
-    return choices
+    return [ModelChoice(name, f"{name} ImageNet (1000 classes)", name)
+            for name in IMAGENET_MODELS if local_weights(entry(name), cache) is not None]
 
 
 def model_choices(config: CourseConfig) -> list[ModelChoice]:
-    """The fine-tuned model when it exists, then the ImageNet models whose weights are on this machine.
+    """The course's deployed model when there is one, then the ImageNet models whose weights are on this machine.
 
-    Finding them means importing PyTorch (seconds on a small CPU), so the answer is cached in
-    ``<workspace>/app/models.json``, keyed by the fine-tuned checkpoint's size and time and the Python
-    environment: a prepared demo starts without importing PyTorch at all.
+    The deployed model comes from the ledger (no PyTorch needed). Finding the ImageNet weights means
+    importing PyTorch (seconds on a small CPU), so that answer is cached in ``<workspace>/app/models.json``,
+    keyed by the Python environment: a prepared demo starts without importing PyTorch at all.
     """
+    import json
+    import sys
+
     from course_utils.core.atomic import write_json_atomic
 
-    cached = _cached_model_choices(config)
-    if cached is not None:
-        return cached
-    choices = _discover_models(config)
-    write_json_atomic(_models_cache(config), {"key": _models_key(config), "choices": [vars(c) for c in choices]})
-    return choices
+    course = _course_model(config)
+    cache, key = _models_cache(config), {"python": sys.prefix}
+    data = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
+    if data.get("key") == key:
+        imagenet = [ModelChoice(**{**item, "classes": tuple(item["classes"])}) for item in data["choices"]]
+    else:
+        imagenet = _discover_models(config)
+        write_json_atomic(cache, {"key": key, "choices": [vars(c) for c in imagenet]})
+    return ([course] if course else []) + imagenet
 
 
 def _models_cache(config: CourseConfig) -> Path:
     return config.workspace / "app" / "models.json"
 
 
-def _models_key(config: CourseConfig) -> dict[str, Any]:
+def model_list_cached(config: CourseConfig) -> bool:
+    """True when the ImageNet model list is cached for this Python environment (``prepare-demo`` makes it)."""
+    import json
     import sys
 
-    path = finetuned_path(config)
-    stat = path.stat() if path.exists() else None
-    return {"finetuned": [stat.st_size, stat.st_mtime_ns] if stat else None, "python": sys.prefix}
-
-
-def _cached_model_choices(config: CourseConfig) -> list[ModelChoice] | None:
-    import json
-
     cache = _models_cache(config)
-    if not cache.exists():
-        return None
-    data = json.loads(cache.read_text(encoding="utf-8"))
-    if data.get("key") != _models_key(config):
-        return None
-    return [ModelChoice(**{**item, "classes": tuple(item["classes"])}) for item in data["choices"]]
-
-
-def _onnx_fp32_path(config: CourseConfig) -> Path | None:
-    from course_utils.core.ledger import Ledger
-
-    recorded = Ledger(config.workspace).stage("onnx").get("optimized_path")
-    return Path(recorded) if recorded and Path(recorded).exists() else None
+    return cache.exists() and json.loads(cache.read_text(encoding="utf-8")).get("key") == {"python": sys.prefix}
 
 
 def runtime_choices(config: CourseConfig, model: ModelChoice) -> list[RuntimeChoice]:
-    """PyTorch, then every runtime whose artifact the earlier stages left: ONNX FP32, INT8, TensorRT engines.
+    """PyTorch, then every runtime whose artifact was made from this very network: ONNX FP32, INT8, engines.
 
-    Nothing is built here: a runtime without its artifact is simply not offered (``prepare-demo`` builds them).
+    An artifact made from another model (an ONNX export older than the pruning stage, an INT8 model of an
+    older export) is not offered: one dropdown never compares two networks. Nothing is built here
+    (``prepare-demo`` builds them).
     """
-    choices = [RuntimeChoice("pytorch_fp32", "PyTorch FP32", "pytorch", "fp32")]
-    if model.key != FINETUNED:
+    choices = [RuntimeChoice("pytorch_fp32", "PyTorch FP32", "pytorch", "fp32", network_sha256=model.network_sha256)]
+    if model.key != DEPLOYED:
         return choices
+    from course_utils.core.artifacts import OnnxRecord
+    from course_utils.core.ledger import Ledger
     from course_utils.deploy.runtimes import ptq_cpu_model
 
-    if (onnx := _onnx_fp32_path(config)) is not None:
-        choices.append(RuntimeChoice("onnxruntime_fp32", "ONNX Runtime FP32", "onnxruntime", "fp32", onnx))
-        choices += [RuntimeChoice(f"tensorrt_{precision}", f"TensorRT {precision.upper()}", "tensorrt", precision, path)
-                    for precision, path in _engines(config, onnx).items()]
-    if (int8 := ptq_cpu_model(config.workspace)) is not None:
-        choices.append(RuntimeChoice("onnxruntime_int8", "ONNX Runtime INT8", "onnxruntime", "int8", int8))
-    return sorted(choices, key=lambda c: ("pytorch", "onnxruntime", "tensorrt").index(c.runtime))
+    onnx = Ledger(config.workspace).load(OnnxRecord)
+    if onnx is None or onnx.made_from.get("model") != model.network_sha256 or onnx.optimized.problem(config.workspace):
+        return choices
+    network, onnx_path = model.network_sha256, onnx.optimized.resolve(config.workspace)
+    choices.append(RuntimeChoice("onnxruntime_fp32", "ONNX Runtime FP32", "onnxruntime", "fp32", onnx_path, network))
+    if (int8 := ptq_cpu_model(config, onnx.optimized.sha256)) is not None:
+        choices.append(RuntimeChoice("onnxruntime_int8", "ONNX Runtime INT8", "onnxruntime", "int8", int8, network))
+    choices += [RuntimeChoice(f"tensorrt_{precision}", f"TensorRT {precision.upper()}", "tensorrt", precision, path,
+                              network) for precision, path in _engines(config, onnx).items()]
+    return choices
 
 
-def _engines(config: CourseConfig, onnx: Path) -> dict[str, Path]:
+def _engines(config: CourseConfig, onnx: OnnxRecord) -> dict[str, Path]:
     from course_utils.core.environment import tensorrt_version
 
-    if tensorrt_version() is None:  # no TensorRT: no engine can run, so none is offered (and nothing is hashed)
+    if tensorrt_version() is None:  # no TensorRT: no engine can run, so none is offered
         return {}
-    from course_utils.core.ledger import Ledger
     from course_utils.deploy.tensorrt_engines import OnnxModel, built_engines
 
-    stage = Ledger(config.workspace).stage("onnx")
-    return built_engines(config, OnnxModel.from_path(onnx, stage.get("input_name", "images"),
-                                                     stage.get("output_name", "logits"),
-                                                     int(stage.get("input_size", 224))))
+    return built_engines(config, OnnxModel(onnx.optimized.resolve(config.workspace), onnx.optimized.sha256,
+                                           onnx.input_name, onnx.output_name, onnx.input_size))
 
 
 # --- Classification ------------------------------------------------------------------------------------------
@@ -183,13 +174,14 @@ class LoadedClassifier:
 
 def open_classifier(config: CourseConfig, model: ModelChoice, runtime: RuntimeChoice) -> LoadedClassifier:
     """Load ``model`` on ``runtime`` (PyTorch on the CPU, ONNX Runtime on the CPU, or a TensorRT engine)."""
-    from course_utils.deploy.runtimes import OrtRunner, TensorRTRunner, TorchRunner
-    from course_utils.vision.zoo import entry, load, load_classifier
+    from course_utils.deploy.runtimes import OrtRunner, TensorRTRunner
+    from course_utils.vision.inference import TorchRunner
+    from course_utils.vision.zoo import entry, load
 
     transform = entry(model.backbone).preprocessing.eval_transform()
     threads, max_batch = config.benchmark.threads, config.engine.batch_max
     if runtime.runtime == "pytorch":
-        classifier = load_classifier(finetuned_path(config)) if model.key == FINETUNED else load(model.key)
+        classifier = _load_course_model(config, model) if model.key == DEPLOYED else load(model.key)
         return LoadedClassifier(TorchRunner(classifier, threads=threads), classifier.classes, transform, max_batch,
                                 classifier)
     classes = list(model.classes)
@@ -200,6 +192,16 @@ def open_classifier(config: CourseConfig, model: ModelChoice, runtime: RuntimeCh
     else:
         runner = TensorRTRunner(runtime.path, runtime.precision, max_batch=max_batch)
     return LoadedClassifier(runner, classes, transform, max_batch)
+
+
+def _load_course_model(config: CourseConfig, model: ModelChoice) -> Any:
+    from course_utils.core.ledger import Ledger, deployed_model
+    from course_utils.vision.deployment import load_model
+
+    deployed = deployed_model(Ledger(config.workspace))
+    if deployed.sha256 != model.network_sha256:
+        raise AppError("The course model changed since the app listed it (a stage ran meanwhile): reload the page.")
+    return load_model(deployed, config.workspace)
 
 
 def top_k(logits: np.ndarray, classes: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:

@@ -9,13 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from course_utils.app.canvas import explain
-from course_utils.app.catalog import (
-    _cached_model_choices,
-    _engines,
-    _onnx_fp32_path,
-    finetuned_path,
-    model_choices,
-)
+from course_utils.app.catalog import model_choices, model_list_cached
+from course_utils.core.artifacts import FinetuneRecord, MissingArtifactError, PtqRecord, StaleArtifactError
+from course_utils.core.ledger import Ledger
 from course_utils.core.config import CourseConfig
 
 LOG = logging.getLogger(__name__)
@@ -34,45 +30,71 @@ class DemoStep:
     detail: str
 
 
-def _prepare_finetuned(config: CourseConfig, build: bool) -> tuple[str, str]:
-    if finetuned_path(config).exists():
-        return "ready", str(finetuned_path(config))
-    if not build:
-        return "missing", "fine-tunes the configured backbone (notebook 02)"
-    from course_utils.core.ledger import Ledger
-    from course_utils.vision.data import resolve_dataset
-    from course_utils.vision.finetune import summary, train_classifier
-    from course_utils.vision.zoo import save_classifier
+def _stage_step(ready: Callable[[CourseConfig], str], make: Callable[[CourseConfig], str],
+                what: str) -> Callable[[CourseConfig, bool], tuple[str, str]]:
+    """A prepare step over a pipeline stage: ``ready`` when its valid artifact exists, else its stage's ``run``."""
 
-    dataset = resolve_dataset(config)
-    model, result, evaluation = train_classifier(config, dataset)
-    save_classifier(model, finetuned_path(config))
-    Ledger(config.workspace).record("finetune", {**summary(model, result, evaluation, dataset),
-                                                 "checkpoint": str(finetuned_path(config))})
-    return "built", f"val top-1 {evaluation.top1:.1%}"
+    def prepare(config: CourseConfig, build: bool) -> tuple[str, str]:
+        try:
+            return "ready", ready(config)
+        except (MissingArtifactError, StaleArtifactError) as why:
+            if not build:
+                return "missing", f"{what}: {why}"
+        return "built", make(config)
+
+    return prepare
 
 
-def _prepare_onnx(config: CourseConfig, build: bool) -> tuple[str, str]:
-    if (path := _onnx_fp32_path(config)) is not None:
-        return "ready", str(path)
-    if not build:
-        return "missing", "exports and optimizes the ONNX model (notebook 04)"
-    from course_utils.deploy.tensorrt_engines import course_onnx_model
-
-    return "built", str(course_onnx_model(config).path)
+def _finetuned_ready(config: CourseConfig) -> str:
+    return Ledger(config.workspace).require(FinetuneRecord).checkpoint.path
 
 
-def _prepare_int8(config: CourseConfig, build: bool) -> tuple[str, str]:
-    from course_utils.deploy.runtimes import ptq_cpu_model
+def _finetune(config: CourseConfig) -> str:
+    from course_utils.vision import finetune
 
-    if (path := ptq_cpu_model(config.workspace)) is not None:
-        return "ready", str(path)
-    if not build:
-        return "missing", "calibrates and measures the INT8 models (notebook 06)"
-    from course_utils.deploy.ptq import run_ptq
+    return f"val top-1 {finetune.run(config).evaluation.top1:.1%}"
 
-    metrics = run_ptq(config)
-    return "built", f"{metrics['best_cpu_variant']}: {metrics['best_cpu_model_path']}"
+
+def _onnx_ready(config: CourseConfig) -> str:
+    from course_utils.deploy.tensorrt_engines import onnx_model
+
+    return onnx_model(config).path.name
+
+
+def _export(config: CourseConfig) -> str:
+    from course_utils.deploy import onnx_export
+
+    stage = onnx_export.run(config)
+    return f"{stage.record.optimized.name} from the {stage.deployed.kind} model ({stage.deployed.reason})"
+
+
+def _int8_ready(config: CourseConfig) -> str:
+    from course_utils.deploy.tensorrt_engines import onnx_model
+
+    record = Ledger(config.workspace).require(PtqRecord, made_from={"onnx": onnx_model(config).sha256})
+    return record.cpu_int8.name if record.cpu_int8 else "no CPU INT8 model"
+
+
+def _quantize(config: CourseConfig) -> str:
+    from course_utils.deploy import ptq
+
+    return f"best CPU INT8: {ptq.run(config).record.metrics['best_cpu_variant']}"
+
+
+def _engines_ready(config: CourseConfig) -> str:
+    from course_utils.deploy.tensorrt_engines import built_engines, onnx_model
+
+    if not (engines := built_engines(config, onnx_model(config))):
+        raise MissingArtifactError("no engine is built for this ONNX model on this GPU and TensorRT yet")
+    return ", ".join(path.name for path in engines.values())
+
+
+def _build_engines(config: CourseConfig) -> str:
+    from course_utils.deploy import tensorrt_engines
+
+    builds = tensorrt_engines.run(config).builds
+    return ", ".join(f"{precision}: {'ok' if not isinstance(made, Exception) else made}"
+                     for precision, made in builds.items())
 
 
 def _prepare_engines(config: CourseConfig, build: bool) -> tuple[str, str]:
@@ -81,18 +103,7 @@ def _prepare_engines(config: CourseConfig, build: bool) -> tuple[str, str]:
 
     if tensorrt_version() is None or detect_gpu() is None:
         return "skipped", "no TensorRT and GPU here: the app offers PyTorch and ONNX Runtime"
-    if (onnx := _onnx_fp32_path(config)) is not None and _engines(config, onnx):
-        return "ready", ", ".join(str(path) for path in _engines(config, onnx).values())
-    if not build:
-        return "missing", "builds the TensorRT engines (notebook 05)"
-    from course_utils.deploy.tensorrt_engines import build_course_engines, course_onnx_model
-    from course_utils.vision.data import resolve_dataset
-    from course_utils.vision.zoo import entry
-
-    builds = build_course_engines(config, resolve_dataset(config), course_onnx_model(config),
-                                  entry(config.model.backbone).preprocessing.eval_transform())
-    return "built", ", ".join(f"{precision}: {'ok' if not isinstance(made, Exception) else made}"
-                              for precision, made in builds.items())
+    return _stage_step(_engines_ready, _build_engines, "builds the TensorRT engines (notebook 05)")(config, build)
 
 
 def _prepare_picture(config: CourseConfig, build: bool) -> tuple[str, str]:
@@ -121,15 +132,15 @@ def _prepare_story(config: CourseConfig, build: bool) -> tuple[str, str]:
 
 def _prepare_app(config: CourseConfig, build: bool) -> tuple[str, str]:
     if not build:
-        return ("ready", "cached") if _cached_model_choices(config) is not None else \
+        return ("ready", "cached") if model_list_cached(config) else \
             ("missing", "caches the app's model list, so the page starts without importing PyTorch")
     return "ready", ", ".join(choice.label for choice in model_choices(config))
 
 
 PREPARE_STEPS: dict[str, Callable[[CourseConfig, bool], tuple[str, str]]] = {
-    "fine-tuned model": _prepare_finetuned,
-    "ONNX export": _prepare_onnx,
-    "INT8 calibration": _prepare_int8,
+    "fine-tuned model": _stage_step(_finetuned_ready, _finetune, "fine-tunes the configured backbone (notebook 02)"),
+    "ONNX export": _stage_step(_onnx_ready, _export, "exports and optimizes the deployed model (notebook 04)"),
+    "INT8 calibration": _stage_step(_int8_ready, _quantize, "calibrates and measures the INT8 models (notebook 06)"),
     "TensorRT engines": _prepare_engines,
     "picture model": _prepare_picture,
     "story model": _prepare_story,

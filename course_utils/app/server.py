@@ -43,16 +43,20 @@ def serve_command(page: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT)
 
 
 def serve_environment(config: CourseConfig, overrides: dict[str, Any] | None = None) -> dict[str, str]:
-    """The environment that makes the page's kernel load the same config: spec, workspace, overrides."""
+    """The environment that makes the page's kernel load the same config: spec, workspace, offline, overrides.
+
+    Each dotted override key becomes ``COURSE_A__B__C`` (top-level ``seed``: ``COURSE_SEED``), its value
+    encoded as ``load_config`` reads it back: text as it is, everything else (numbers, booleans, None,
+    lists, mappings) as JSON.
+    """
+    import json
     import os
 
-    import yaml
-
-    environ = {**os.environ, "COURSE_SPEC": config.spec, "COURSE_WORKSPACE": str(config.workspace)}
+    environ = {**os.environ, "COURSE_SPEC": config.spec, "COURSE_WORKSPACE": str(config.workspace),
+               "COURSE_OFFLINE": "true" if config.offline else "false"}
     for key, value in (overrides or {}).items():
-        section, _, name = key.partition(".")
-        if name and "." not in name:
-            environ[f"COURSE_{section.upper()}__{name.upper()}"] = yaml.safe_dump(value).strip().removesuffix("...").strip()
+        name = "COURSE_" + "__".join(part.upper() for part in key.split("."))
+        environ[name] = str(value) if isinstance(value, (str, Path)) else json.dumps(value, default=str)
     return environ
 
 

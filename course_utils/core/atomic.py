@@ -1,9 +1,10 @@
-"""Atomic file writes: a reader (or a rerun after a crash) sees the old file or the new one, never half."""
+"""Atomic file and folder writes: a reader (or a rerun after a crash) sees the old one or the new one, never half."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,42 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a fresh, empty temporary folder beside ``target``; when the block succeeds it becomes ``target``.
+
+    The old ``target`` (if any) is renamed aside, the new folder renamed into place, then the old copy
+    removed. If the block raises, the old ``target`` is left untouched and the temporary folder is
+    removed: no half-built folder survives, and a rerun starts clean.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        old = tmp.with_name(f"{tmp.name}.old")  # unique too: tmp's name is
+        had_old = os.path.lexists(target)
+        if had_old:
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if had_old:
+                os.replace(old, target)
+            raise
+        if had_old:
+            _remove(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_text_atomic(target: str | Path, text: str) -> Path:

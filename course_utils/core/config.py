@@ -1,28 +1,50 @@
 """One typed configuration for the whole course, loaded TAO-style from a YAML spec.
 
 Precedence, lowest to highest: the spec file (and the spec it names as ``base``),
-environment variables ``COURSE_<SECTION>__<KEY>``, then explicit overrides (a notebook's
-``OVERRIDES`` parameter or a CLI flag). ``COURSE_WORKSPACE`` and ``COURSE_DATA_CACHE`` set the
-two paths every stage shares.
+environment variables, then explicit overrides (a notebook's ``OVERRIDES`` parameter or a CLI flag).
+``CourseConfig`` is a pydantic-settings ``BaseSettings``; its three sources are, in that order, the
+spec mapping, the environment and the init keywords (the overrides).
+
+Environment variables are ``COURSE_<KEY>`` for a top-level setting (``COURSE_SEED=7``,
+``COURSE_OFFLINE=1``, ``COURSE_WORKSPACE``, ``COURSE_DATA_CACHE``) and ``COURSE_<SECTION>__<KEY>``
+for a section's (``COURSE_TRAIN__EPOCHS_HEAD=1``), case-insensitive. Values are parsed the
+pydantic-settings way, not as YAML: a scalar is the plain string, coerced by the field's type
+(``7``, ``0.01``, ``true``/``1``, ``none`` for a text setting), ``null`` is None, and a list or a
+whole section is JSON (``COURSE_ENGINE__PRECISIONS='["fp32", "fp16"]'``). A ``COURSE_`` variable
+that names no setting is an error with a "did you mean" hint, never silently ignored.
+``COURSE_SPEC`` picks the spec file (it is not a setting of its own).
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from course_utils.core.errors import CourseError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # course_utils/core/config.py -> the repository
 SPECS_DIR = REPO_ROOT / "data" / "specs"
 ENV_PREFIX = "COURSE_"
 
 
-class ConfigError(ValueError):
+class ConfigError(CourseError, ValueError):
     """A spec or an override that the course cannot use; the message says how to fix it."""
 
 
@@ -62,6 +84,9 @@ class PruneConfig(_Section):
     sweep: list[float] = [0.0, 0.25, 0.5]
     retrain_epochs: int = Field(default=2, ge=0)
     retrain_lr: float = Field(default=1e-3, gt=0)
+    # The pruned model ships only when it meets both (TAO's "prune, retrain, recover"); else the fine-tuned one.
+    target_macs_reduction: float = Field(default=0.4, ge=0.0, lt=1.0)
+    max_top1_drop: float = Field(default=0.01, ge=0.0, le=1.0)
 
 
 class ExportConfig(_Section):
@@ -156,12 +181,93 @@ class BenchmarkConfig(_Section):
     batch_sizes: list[int] = [1, 4, 8]  # keep within the engines' batch profile
 
 
-class CourseConfig(_Section):
-    """Every setting of the course; see ``data/specs/default.yaml`` for the documented defaults."""
+# What one ``load_config`` call hands its sources: the merged spec mapping and the environment to read.
+_LOADING: ContextVar[tuple[Mapping[str, Any], Mapping[str, str]] | None] = ContextVar("course_config_loading",
+                                                                                       default=None)
+
+
+@contextmanager
+def _loading(spec_data: Mapping[str, Any], environ: Mapping[str, str]) -> Iterator[None]:
+    token = _LOADING.set((spec_data, environ))
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+class _SpecSource(PydanticBaseSettingsSource):
+    """The spec file (its ``base`` chain merged in): the lowest-priority source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: Mapping[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self.data = dict(data)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+class _EnvSource(EnvSettingsSource):
+    """``COURSE_*`` variables read from the given mapping (``os.environ`` unless a test passes its own).
+
+    A variable that names no setting raises ``ConfigError`` (pydantic-settings would ignore it);
+    ``COURSE_SPEC`` is skipped: it picks the spec file in ``load_config``.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars, which the base class calls
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, bool(self.case_sensitive), self.env_ignore_empty,
+                              self.env_parse_none_str)
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = self.env_prefix if self.case_sensitive else self.env_prefix.lower()
+        for name in self.env_vars:
+            if name.startswith(prefix) and name[len(prefix):].lower() != "spec":
+                _check_env_name(name[len(prefix):].lower().split(str(self.env_nested_delimiter)))
+        data = super().__call__()
+        data.pop("spec", None)
+        return data
+
+
+def _check_env_name(parts: list[str]) -> None:
+    """Raise ``ConfigError`` unless ``COURSE_<PARTS joined by __>`` names a setting of ``CourseConfig``."""
+    model: type[BaseModel] = CourseConfig
+    variable = ENV_PREFIX + "__".join(parts).upper()
+    for depth, part in enumerate(parts):
+        if part not in model.model_fields:
+            hint = difflib.get_close_matches(part, list(model.model_fields), n=1)
+            suggestion = (f" (did you mean {hint[0]!r}, i.e. "
+                          f"{ENV_PREFIX + '__'.join([*parts[:depth], hint[0], *parts[depth + 1:]]).upper()}?)"
+                          if hint else "")
+            raise ConfigError(f"Environment variable {variable} names no setting: "
+                              f"{'.'.join(parts[:depth + 1])} is unknown{suggestion}")
+        annotation = model.model_fields[part].annotation
+        if depth < len(parts) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ConfigError(f"Environment variable {variable} names no setting: "
+                                  f"{'.'.join(parts[:depth + 1])} is a value, not a section")
+            model = annotation
+
+
+class CourseConfig(BaseSettings):
+    """Every setting of the course; see ``data/specs/default.yaml`` for the documented defaults.
+
+    Built by ``load_config`` from three sources, lowest to highest priority: the spec mapping, the
+    ``COURSE_*`` environment, the explicit overrides (init keywords); see the module docstring.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", validate_assignment=True, case_sensitive=False,
+                                      env_prefix=ENV_PREFIX, env_nested_delimiter="__", env_parse_none_str="null")
 
     spec: str = "default"
     experiment: str = "workbook"
     seed: int = 42
+    offline: bool = False  # True: never probe the network (COURSE_OFFLINE=1); stages use their offline paths
     workspace: Path = Path("workspace")
     data_cache: Path | None = None
     dataset: DatasetConfig = DatasetConfig()
@@ -180,6 +286,19 @@ class CourseConfig(_Section):
     def smoke(self) -> bool:
         """True for the CI smoke spec: stages may shrink work further, never skip it silently."""
         return self.spec == "smoke"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Highest first: the overrides (init keywords), the environment, the spec; no .env, no secrets."""
+        spec_data, environ = _LOADING.get() or ({}, os.environ)
+        return init_settings, _EnvSource(settings_cls, environ), _SpecSource(settings_cls, spec_data)
 
 
 def available_specs() -> list[str]:
@@ -223,21 +342,6 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
         else:
             merged[key] = value
     return merged
-
-
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Turn ``COURSE_SECTION__KEY=value`` variables into a nested mapping (values parsed as YAML)."""
-    overrides: dict[str, Any] = {}
-    if "COURSE_WORKSPACE" in environ:
-        overrides["workspace"] = environ["COURSE_WORKSPACE"]
-    if "COURSE_DATA_CACHE" in environ:
-        overrides["data_cache"] = environ["COURSE_DATA_CACHE"]
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
-            continue
-        section, key = name[len(ENV_PREFIX) :].lower().split("__", 1)
-        overrides.setdefault(section, {})[key] = yaml.safe_load(raw)
-    return overrides
 
 
 def _dotted_to_nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -289,12 +393,15 @@ def load_config(
     spec = spec or environ.get("COURSE_SPEC", "default")
     data = _read_spec(spec)
     data["spec"] = Path(spec).stem
-    data = deep_merge(data, _env_overrides(environ))
-    data = deep_merge(data, _dotted_to_nested(overrides or {}))
     try:
-        config = CourseConfig.model_validate(data)
+        with _loading(data, environ):
+            config = CourseConfig(**_dotted_to_nested(overrides or {}))
     except ValidationError as error:
         raise ConfigError(f"Spec {spec!r} has settings the course cannot use:\n{_explain(error)}") from None
+    except SettingsError as error:
+        cause = f": {error.__cause__}" if error.__cause__ else ""
+        raise ConfigError(f"{error}{cause}. A list or a section in a COURSE_* variable is JSON, e.g. "
+                          "COURSE_ENGINE__PRECISIONS='[\"fp32\"]'.") from None
     if not config.workspace.is_absolute():
         config.workspace = (REPO_ROOT / config.workspace).resolve()
     if config.data_cache is not None and not config.data_cache.is_absolute():

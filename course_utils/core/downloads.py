@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from course_utils.core.atomic import write_text_atomic
+from course_utils.core.errors import CourseError
 
 
-class DownloadError(RuntimeError):
+class DownloadError(CourseError, RuntimeError):
     """A file that could not be fetched."""
 
 

@@ -156,10 +156,17 @@ def tensorrt_version() -> str | None:
     return str(getattr(trt, "__version__", "unknown"))
 
 
-def check_online(timeout_s: float = 2.0, environ: dict[str, str] | None = None) -> tuple[bool, str | None]:
-    """Whether download servers are reachable; ``COURSE_OFFLINE=1`` says no without trying."""
+def check_online(timeout_s: float = 2.0, environ: dict[str, str] | None = None,
+                 offline: bool | None = None) -> tuple[bool, str | None]:
+    """Whether download servers are reachable; offline mode says no without trying.
+
+    Callers with a config pass ``offline=config.offline`` (which ``COURSE_OFFLINE=1`` sets); only a caller
+    with none (``offline=None``) falls back to reading ``COURSE_OFFLINE`` from ``environ`` itself.
+    """
+    if offline:
+        return False, "offline is set (COURSE_OFFLINE=1 or offline: true in the spec)"
     environ = dict(os.environ) if environ is None else environ
-    if environ.get("COURSE_OFFLINE", "").lower() in {"1", "true", "yes"}:
+    if offline is None and environ.get("COURSE_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
         return False, "COURSE_OFFLINE is set"
     try:
         with socket.create_connection(ONLINE_PROBE, timeout=timeout_s):
@@ -168,8 +175,8 @@ def check_online(timeout_s: float = 2.0, environ: dict[str, str] | None = None) 
         return False, f"{ONLINE_PROBE[0]} unreachable ({error.__class__.__name__})"
 
 
-def detect_environment(probe_network: bool = True) -> EnvironmentReport:
-    """Inspect this machine; ``probe_network=False`` skips the (short) online check."""
+def detect_environment(probe_network: bool = True, offline: bool | None = None) -> EnvironmentReport:
+    """Inspect this machine; ``probe_network=False`` skips the (short) online check, as ``offline=True`` does."""
     report = EnvironmentReport(
         python=platform.python_version(),
         platform=platform.platform(),
@@ -193,7 +200,7 @@ def detect_environment(probe_network: bool = True) -> EnvironmentReport:
 
         report.onnxruntime_providers = list(onnxruntime.get_available_providers())
     if probe_network:
-        report.online, report.offline_reason = check_online()
+        report.online, report.offline_reason = check_online(offline=offline)
     else:
         report.offline_reason = "not checked"
     return report

@@ -1,8 +1,14 @@
-"""The results ledger: ``<workspace>/results.json``, a mapping stage -> measured figures.
+"""The results ledger: ``<workspace>/results.json``, one typed record per stage (``course_utils.core.artifacts``).
 
-Each stage records what it measured (metrics, sizes, timings, which assets and runtime it used);
-later stages and the final report read it instead of scraping notebook outputs. Conventions:
-accuracies are fractions in [0, 1] (differences of accuracies, keys with ``_drop`` or ``_delta``, in
+Each stage saves what it made and measured; later stages, the CLI, the app and the report read those
+records instead of scraping notebook outputs or guessing paths. Only this module knows the file's layout::
+
+    ledger = Ledger(config.workspace)
+    ledger.save(FinetuneRecord(checkpoint=..., backbone=..., ...))
+    onnx = ledger.require(OnnxRecord, made_from={"model": deployed_model(ledger).sha256})
+
+Writes are atomic and serialised by a file lock, so the app and a notebook may record at the same time.
+Metric conventions: accuracies are fractions in [0, 1] (differences, keys with ``_drop`` or ``_delta``, in
 [-1, 1]); times are seconds unless the key ends in ``_ms``.
 """
 
@@ -13,15 +19,29 @@ import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from filelock import FileLock
+from pydantic import ValidationError
+
+from course_utils.core.artifacts import (
+    DeployedModel,
+    FinetuneRecord,
+    MissingArtifactError,
+    PruneRecord,
+    StageRecord,
+    StaleArtifactError,
+    rerun_hint,
+)
 from course_utils.core.atomic import write_json_atomic
+from course_utils.core.errors import CourseError
 
 LEDGER_NAME = "results.json"
+R = TypeVar("R", bound=StageRecord)
 
 
-class LedgerError(ValueError):
-    """A value that breaks the ledger's conventions."""
+class LedgerError(CourseError, ValueError):
+    """A value that breaks the ledger's conventions, or a ledger file that cannot be read."""
 
 
 def _check(stage: str, key: str, value: Any) -> None:
@@ -40,13 +60,15 @@ def _check(stage: str, key: str, value: Any) -> None:
 
 
 class Ledger:
-    """Read and update the results ledger of one workspace."""
+    """Save and load the typed stage records of one workspace."""
 
     def __init__(self, workspace: str | Path) -> None:
-        self.path = Path(workspace) / LEDGER_NAME
+        self.workspace = Path(workspace)
+        self.path = self.workspace / LEDGER_NAME
+        self._lock = FileLock(str(self.path) + ".lock")
 
     def read(self) -> dict[str, dict[str, Any]]:
-        """All stages' results (an empty mapping when nothing was recorded yet)."""
+        """Every stored record as plain data, by stage (an empty mapping when nothing was recorded yet)."""
         if not self.path.exists():
             return {}
         try:
@@ -56,17 +78,80 @@ class Ledger:
                 f"{self.path} is not valid JSON ({error}); move it aside and rerun the stages to rebuild it."
             ) from None
 
-    def stage(self, stage: str) -> dict[str, Any]:
-        """One stage's results, or an empty mapping."""
-        return self.read().get(stage, {})
-
-    def record(self, stage: str, metrics: Mapping[str, Any], replace: bool = False) -> None:
-        """Merge ``metrics`` into ``stage`` (or replace the stage), stamp it, write atomically."""
-        for key, value in metrics.items():
+    def save(self, record: R) -> R:
+        """Stamp ``record`` and store it as its stage's entry (replacing the previous one); return it."""
+        stage = type(record).stage
+        if not stage:
+            raise LedgerError(f"{type(record).__name__} names no stage: subclass a record of course_utils.core.artifacts.")
+        for key, value in record.metrics.items():
             _check(stage, key, value)
-        data = self.read()
-        entry = {} if replace else dict(data.get(stage, {}))
-        entry.update(metrics)
-        entry["recorded_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        data[stage] = entry
-        write_json_atomic(self.path, data)
+        record.recorded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            data = self.read()
+            data[stage] = record.model_dump(mode="json")
+            write_json_atomic(self.path, data)
+        return record
+
+    def load(self, kind: type[R]) -> R | None:
+        """The stored record of ``kind``'s stage, or None (also when it was written by an older course)."""
+        raw = self.read().get(kind.stage)
+        if raw is None:
+            return None
+        try:
+            return kind.model_validate(raw)
+        except ValidationError:
+            return None
+
+    def require(self, kind: type[R], made_from: Mapping[str, str] | None = None) -> R:
+        """The record of ``kind`` with its files intact and, for each ``made_from`` role, made from that hash.
+
+        Raises ``MissingArtifactError`` (no such record) or ``StaleArtifactError`` (a file gone or changed,
+        or made from another upstream), each naming the notebook or command to rerun.
+        """
+        record = self.load(kind)
+        if record is None:
+            raise MissingArtifactError(f"No {kind.stage} artifacts in {self.workspace}: {rerun_hint(kind)} first.")
+        for role, ref in record.files().items():
+            if (problem := ref.problem(self.workspace)) is not None:
+                raise StaleArtifactError(f"The {kind.stage} stage's {role}: {problem}; {rerun_hint(kind)} again.")
+        for role, expected in (made_from or {}).items():
+            if record.made_from.get(role) != expected:
+                raise StaleArtifactError(
+                    f"The {kind.stage} artifacts were made from another {role} "
+                    f"({record.made_from.get(role, 'unknown')[:12]}…) than the current one ({expected[:12]}…): "
+                    f"{rerun_hint(kind)} again.")
+        return record
+
+    def records(self) -> dict[str, StageRecord]:
+        """Every record this course version can read, by stage, in the order they were stored."""
+        loaded = {}
+        for stage in self.read():
+            kind = StageRecord.registry.get(stage)
+            if kind is not None and (record := self.load(kind)) is not None:
+                loaded[stage] = record
+        return loaded
+
+
+def deployed_model(ledger: Ledger) -> DeployedModel:
+    """The one answer to "which model ships": every deployment stage, the CLI, the app and the report ask here.
+
+    The pruned model ships only when the pruning stage was made from the current fine-tuned checkpoint and
+    met its target; otherwise the fine-tuned model ships, and ``reason`` says why.
+    """
+    finetuned = ledger.require(FinetuneRecord)
+    pruned = ledger.load(PruneRecord)
+    if pruned is None:
+        reason = "no pruning stage has run, so the fine-tuned model ships"
+    elif pruned.made_from.get("finetuned") != finetuned.checkpoint.sha256:
+        reason = (f"the pruned model was made from an older fine-tuned model; the fine-tuned model ships "
+                  f"({rerun_hint(PruneRecord)} to prune the current one)")
+    elif (problem := pruned.model.problem(ledger.workspace)) is not None:
+        reason = f"the pruned model's file is unusable ({problem}); the fine-tuned model ships"
+    elif not pruned.meets_target:
+        reason = f"the pruned model misses its target ({pruned.target}), so the fine-tuned model ships"
+    else:
+        return DeployedModel(kind="pruned", model=pruned.model, backbone=finetuned.backbone,
+                             classes=finetuned.classes, reason=f"the pruned model meets its target ({pruned.target})")
+    return DeployedModel(kind="finetuned", model=finetuned.checkpoint, backbone=finetuned.backbone,
+                         classes=finetuned.classes, reason=reason)

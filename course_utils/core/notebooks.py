@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from course_utils.core.config import REPO_ROOT, CourseConfig
+from course_utils.core.artifacts import CourseRunRecord
 from course_utils.core.ledger import Ledger
 from course_utils.core.report import write_report
 
@@ -65,11 +66,10 @@ def run_all(config: CourseConfig, only: list[str] | None = None, folder: Path = 
         print(f"  done in {run.seconds:.0f} s", flush=True)
         runs.append(run)
     ledger = Ledger(config.workspace)
-    ledger.record("course", {
-        "spec": config.spec,
+    ledger.save(CourseRunRecord(settings={"spec": config.spec}, metrics={
         "notebooks": {run.notebook.stem: round(run.seconds, 1) for run in runs},
         "total_seconds": round(sum(run.seconds for run in runs), 1),
-    })
-    markdown, page = write_report(ledger.read(), run_dir)
+    }))
+    markdown, page = write_report(ledger, run_dir)
     print(f"Report: {markdown}\n        {page}")
     return run_dir

@@ -5,9 +5,13 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from course_utils.core.artifacts import StageRecord
 from course_utils.core.atomic import write_text_atomic
+
+if TYPE_CHECKING:
+    from course_utils.core.ledger import Ledger
 
 STAGE_TITLES = {
     "environment": "00 · Machine and assets",
@@ -15,7 +19,8 @@ STAGE_TITLES = {
     "finetune": "02 · Fine-tuning",
     "prune": "03 · Pruning and retraining",
     "onnx": "04 · ONNX export and optimization",
-    "engines": "05 · Engines and runtimes",
+    "engines": "05 · TensorRT engines",
+    "benchmark": "05 · Every runtime, side by side",
     "ptq": "06 · INT8 post-training quantization",
     "qat": "07 · Quantization-aware training",
     "story": "08 · Guarded story",
@@ -64,39 +69,62 @@ def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = No
     return "\n".join(lines)
 
 
-def stage_markdown(metrics: Mapping[str, Any]) -> str:
-    """One stage's figures as a Markdown table (what each notebook's summary shows)."""
+def stage_markdown(record: StageRecord | Mapping[str, Any] | None) -> str:
+    """One stage's record (or plain figures) as a Markdown table (what each notebook's summary shows)."""
+    if record is None:
+        return "_(nothing recorded yet)_"
+    metrics = record.summary() if isinstance(record, StageRecord) else record
     rows = ["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in stage_table(metrics)]
     return "\n".join(rows)
 
 
-def render_markdown(results: Mapping[str, Mapping[str, Any]], title: str = "Transfer-Learning Workbook report") -> str:
-    """The ledger as a Markdown report, stages in course order."""
+def _deployment_line(ledger: Ledger) -> str | None:
+    from course_utils.core.artifacts import MissingArtifactError, StaleArtifactError
+    from course_utils.core.ledger import deployed_model
+
+    try:
+        deployed = deployed_model(ledger)
+    except (MissingArtifactError, StaleArtifactError):
+        return None
+    return f"Model shipped: the {deployed.kind} {deployed.backbone} ({deployed.model.name}), because {deployed.reason}."
+
+
+def _sections(ledger: Ledger) -> dict[str, dict[str, Any]]:
+    records = ledger.records()
+    ordered = [s for s in STAGE_TITLES if s in records] + sorted(set(records) - set(STAGE_TITLES))
+    return {stage: records[stage].summary() for stage in ordered}
+
+
+def render_markdown(ledger: Ledger, title: str = "Transfer-Learning Workbook report") -> str:
+    """The ledger as a Markdown report: which model shipped and why, then the stages in course order."""
     lines = [f"# {title}", ""]
-    ordered = [s for s in STAGE_TITLES if s in results] + sorted(set(results) - set(STAGE_TITLES))
-    if not ordered:
+    if (shipped := _deployment_line(ledger)) is not None:
+        lines += [shipped, ""]
+    sections = _sections(ledger)
+    if not sections:
         lines.append("Nothing was recorded yet: run the notebooks (`make course`).")
-    for stage in ordered:
-        lines += [f"## {STAGE_TITLES.get(stage, stage)}", "", stage_markdown(results[stage]), ""]
+    for stage, rows in sections.items():
+        lines += [f"## {STAGE_TITLES.get(stage, stage)}", "", stage_markdown(rows), ""]
     return "\n".join(lines)
 
 
-def render_html(results: Mapping[str, Mapping[str, Any]], title: str = "Transfer-Learning Workbook report") -> str:
+def render_html(ledger: Ledger, title: str = "Transfer-Learning Workbook report") -> str:
     """The ledger as a self-contained HTML page."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              ("<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
               "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}</style>"),
              f"<h1>{html.escape(title)}</h1>"]
-    ordered = [s for s in STAGE_TITLES if s in results] + sorted(set(results) - set(STAGE_TITLES))
-    for stage in ordered:
+    if (shipped := _deployment_line(ledger)) is not None:
+        parts.append(f"<p><b>{html.escape(shipped)}</b></p>")
+    for stage, rows in _sections(ledger).items():
         parts.append(f"<h2>{html.escape(STAGE_TITLES.get(stage, stage))}</h2><table><tr><th>measure</th><th>value</th></tr>")
-        parts += [f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in stage_table(results[stage])]
+        parts += [f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in stage_table(rows)]
         parts.append("</table>")
     return "\n".join(parts) + "\n"
 
 
-def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: Path) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into ``out_dir``; return both paths."""
-    markdown = write_text_atomic(out_dir / "report.md", render_markdown(results))
-    page = write_text_atomic(out_dir / "report.html", render_html(results))
+def write_report(ledger: Ledger, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` of ``ledger`` into ``out_dir``; return both paths."""
+    markdown = write_text_atomic(out_dir / "report.md", render_markdown(ledger))
+    page = write_text_atomic(out_dir / "report.html", render_html(ledger))
     return markdown, page

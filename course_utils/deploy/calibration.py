@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from course_utils.core.errors import CourseError
 from course_utils.core.sealed_cache import CacheState, cache_state, discard_unless_valid, seal
 
 LOG = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ Calibrator = Literal["entropy", "minmax"]
 CALIBRATORS: tuple[Calibrator, ...] = ("entropy", "minmax")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(CourseError, ValueError):
     """Calibration data or a calibration cache that cannot be used; the message says what to change."""
 
 

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from course_utils.core.atomic import atomic_path
+from course_utils.core.errors import CourseError
+from course_utils.core.lazy import lazy_import
 
 ModelProto = Any  # onnx.ModelProto; onnx is imported where it is used
 PARITY_BATCHES = (1, 3, 8)
@@ -98,6 +100,7 @@ def polygraphy_sanitize(model: ModelProto) -> ModelProto:
     subgraph whose inputs are all known before inference (weights, static shapes) is computed once
     and replaced by its result.
     """
+    lazy_import("polygraphy.backend.onnx", "deploy", "Polygraphy constant folding")
     from polygraphy.backend.onnx import FoldConstants, InferShapes
 
     with quiet_tools():
@@ -106,7 +109,7 @@ def polygraphy_sanitize(model: ModelProto) -> ModelProto:
 
 def onnxslim_step(model: ModelProto) -> ModelProto:
     """onnxslim: constant folding, dead-code removal and pattern fusions (e.g. Pad into Conv, GELU)."""
-    import onnxslim
+    onnxslim = lazy_import("onnxslim", "deploy", "The onnxslim step")
 
     with quiet_tools():
         return onnxslim.slim(model)
@@ -114,7 +117,7 @@ def onnxslim_step(model: ModelProto) -> ModelProto:
 
 def onnxsim_step(model: ModelProto) -> ModelProto:
     """onnx-simplifier: constant folding and onnxoptimizer's fusions, checked by onnxsim itself."""
-    import onnxsim
+    onnxsim = lazy_import("onnxsim", "deploy", "The onnxsim step")
 
     with quiet_tools(), _native_output_silenced():
         simplified, ok = onnxsim.simplify(model)
@@ -283,8 +286,8 @@ def _fold_reshape_transpose_reshape(graph: Any) -> None:
 
 @functools.cache
 def _cpu_runner_class() -> type:
-    from polygraphy.backend.base import BaseRunner
-    from polygraphy.common import TensorMetadata
+    BaseRunner = lazy_import("polygraphy.backend.base", "deploy", "The parity check").BaseRunner
+    TensorMetadata = lazy_import("polygraphy.common", "deploy", "The parity check").TensorMetadata
 
     class TorchCpuRunner(BaseRunner):
         """A Polygraphy runner for a PyTorch module on the CPU.
@@ -358,7 +361,7 @@ class Parity:
                 f"{self.max_rel_diff:.2g} of the largest logit (tolerance {self.tolerance:.0e})")
 
 
-class ParityError(AssertionError):
+class ParityError(CourseError, AssertionError):
     """An ONNX graph whose outputs do not match the PyTorch model's."""
 
 
@@ -373,7 +376,7 @@ class ParityChecker:
     def __init__(self, model: Any, input_size: int, input_name: str = "images", output_name: str = "logits",
                  batches: Sequence[int] = PARITY_BATCHES, tolerance: float = PARITY_TOLERANCE,
                  threads: int = 1, seed: int = 0) -> None:
-        from polygraphy.comparator import Comparator
+        Comparator = lazy_import("polygraphy.comparator", "deploy", "The parity check").Comparator
 
         rng = np.random.default_rng(seed)
         self.batches = tuple(batches)
@@ -393,7 +396,7 @@ class ParityChecker:
 
     def check(self, path: Path) -> Parity:
         """Run ``path`` in ONNX Runtime on the reference inputs and compare with PyTorch."""
-        from polygraphy.backend.onnxrt import OnnxrtRunner
+        OnnxrtRunner = lazy_import("polygraphy.backend.onnxrt", "deploy", "The parity check").OnnxrtRunner
         from polygraphy.comparator import Comparator, CompareFunc, RunResults
 
         runner = OnnxrtRunner(lambda: onnxruntime_session(path, self.threads), name=f"onnxruntime:{Path(path).name}")
@@ -486,7 +489,7 @@ def quiet_tools() -> Iterator[None]:
     """Silence the tools' chatter (Polygraphy's logger, ONNX Runtime's warnings, printed tables); their
     exceptions still propagate with their messages."""
     import onnxruntime as ort
-    from polygraphy.logger import G_LOGGER
+    G_LOGGER = lazy_import("polygraphy.logger", "deploy", "The ONNX graph tools").G_LOGGER
 
     ort.set_default_logger_severity(3)
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL), warnings.catch_warnings(), \

@@ -21,10 +21,11 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from course_utils.core.atomic import write_json_atomic
 from course_utils.core.config import CourseConfig
+from course_utils.core.errors import CourseError
 from course_utils.deploy.graph_optimize import (
     COURSE_PIPELINE,
     SINGLE_TOOLS,
@@ -39,6 +40,9 @@ from course_utils.deploy.graph_optimize import (
     tool_versions,
 )
 
+if TYPE_CHECKING:
+    from course_utils.core.artifacts import DeployedModel, OnnxRecord
+
 Exporter = Literal["torchscript", "dynamo"]
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -50,7 +54,7 @@ ARTIFACT_FORMAT = 1  # bump when the layout of the artifacts folder changes
 logger = logging.getLogger(__name__)
 
 
-class ExportError(RuntimeError):
+class ExportError(CourseError, RuntimeError):
     """An export that cannot serve the course (for example a batch dimension baked in as a constant)."""
 
 
@@ -188,26 +192,6 @@ def onnx_dir(config: CourseConfig) -> Path:
     return config.workspace / "onnx"
 
 
-def deployed_model(config: CourseConfig) -> tuple[Any, str]:
-    """The model later stages deploy, and where it came from: ``"pruned"`` when the pruning stage recorded
-    one in the ledger (``prune.model_path``), else ``"finetuned"``."""
-    from course_utils.core.ledger import Ledger
-
-    recorded = Ledger(config.workspace).stage("prune").get("model_path")
-    if recorded:
-        path = Path(recorded)
-        path = path if path.is_absolute() else config.workspace / path
-        if not path.exists():
-            raise FileNotFoundError(f"The pruning stage recorded {path}, which is gone: rerun notebook 03 "
-                                    "(or `python -m course_utils prune`) to make it again.")
-        from course_utils.vision.prune import load_pruned
-
-        return load_pruned(path), "pruned"
-    from course_utils.vision.finetune import course_model
-
-    return course_model(config), "finetuned"
-
-
 def artifact_key(model_digest: str, exporter: Exporter, opset: int, input_size: int,
                  pipeline: Sequence[str] = COURSE_PIPELINE) -> str:
     """A short hash of everything that determines the stage's files; a change in any of them rebuilds."""
@@ -290,19 +274,16 @@ def _read_manifest(path: Path, key: str) -> OnnxArtifacts | None:
     return artifacts if artifacts.key == key and files_present else None
 
 
-def course_onnx(config: CourseConfig, model: Any = None, rebuild: bool = False, source: str = "given") -> OnnxArtifacts:
-    """The stage in one call: the deployed model exported, verified and optimized, reused when still valid.
+def course_onnx(config: CourseConfig, model: Any, rebuild: bool = False, source: str = "given") -> OnnxArtifacts:
+    """A model exported, verified and optimized, reused when still valid (``run`` calls it on the deployed model).
 
-    ``model`` defaults to ``deployed_model(config)``; pass ``source`` (``"pruned"``, ``"finetuned"``) with a
-    model of your own to say where it came from. Artifacts live in
+    ``source`` (``"pruned"``, ``"finetuned"``) says where the model came from. Artifacts live in
     ``<workspace>/onnx/<backbone>-<key>/`` (``raw.onnx``, ``optimized.onnx``, ``manifest.json``); the key
     covers the weights, exporter, opset, input size, pipeline and tool versions, so a change to any of
     them builds a fresh folder while an unchanged rerun returns at once.
     """
     import onnx
 
-    if model is None:
-        model, source = deployed_model(config)
     model = model.eval()
     input_size = int(model.preprocessing.input_size)
     exporter: Exporter = config.export.exporter
@@ -349,48 +330,60 @@ def _graph_opset(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def onnxruntime_cpu_latency_ms(path: Path, input_size: int, batches: Sequence[int] = LATENCY_BATCHES,
-                               warmup: int = 3, iterations: int = 20, threads: int = 1) -> dict[int, float]:
-    """Median milliseconds per call of an ONNX model in ONNX Runtime on the CPU, per batch size.
-
-    A deliberately small helper for this stage; ``course_utils.deploy.runtimes`` (stage 05) is the course's
-    general runner and benchmark.
-    """
-    import numpy as np
-
-    from course_utils.deploy.graph_optimize import onnxruntime_session
-
-    session = onnxruntime_session(path, threads)
-    name = session.get_inputs()[0].name
-    rng = np.random.default_rng(0)
-    latency = {}
-    for batch in batches:
-        feed = {name: rng.standard_normal((batch, 3, input_size, input_size), dtype=np.float32)}
-        for _ in range(warmup):
-            session.run(None, feed)
-        times = []
-        for _ in range(iterations):
-            started = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - started) * 1000)
-        latency[batch] = float(np.median(times))
-    return latency
-
-
 def stage_metrics(artifacts: OnnxArtifacts, latency_ms: dict[int, float]) -> dict[str, Any]:
-    """What the ledger's ``onnx`` stage records (later stages read the paths, names and input size)."""
+    """The figures the ONNX stage's record keeps (its files, names and input size are fields of the record)."""
     return {
-        "backbone": artifacts.backbone, "source_model": artifacts.source, "model_sha256": artifacts.model_sha256,
-        "exporter": artifacts.exporter, "opset": artifacts.opset, "input_name": artifacts.input_name,
-        "output_name": artifacts.output_name, "input_size": artifacts.input_size,
-        "raw_path": str(artifacts.raw_path), "optimized_path": str(artifacts.optimized_path),
-        "nodes_raw": artifacts.nodes_raw, "nodes_optimized": artifacts.nodes_optimized,
-        "size_raw_mb": round(artifacts.size_raw_bytes / 1e6, 2),
+        "exporter": artifacts.exporter, "opset": artifacts.opset, "nodes_raw": artifacts.nodes_raw,
+        "nodes_optimized": artifacts.nodes_optimized, "size_raw_mb": round(artifacts.size_raw_bytes / 1e6, 2),
         "size_optimized_mb": round(artifacts.size_optimized_bytes / 1e6, 2),
         "optimization": artifacts.chosen, "parity_max_abs_diff": artifacts.parity.max_abs_diff,
         "parity_max_rel_diff": artifacts.parity.max_rel_diff, "parity_batches": list(artifacts.parity.batches),
         **{f"latency_ms_b{batch}": round(ms, 3) for batch, ms in latency_ms.items()},
     }
+
+
+@dataclass
+class OnnxStageResult:
+    """The ONNX stage's outcome: the files and step table (``artifacts``), latency per batch, the record."""
+
+    artifacts: OnnxArtifacts
+    latency_ms: dict[int, float]
+    record: OnnxRecord
+    deployed: DeployedModel
+
+
+def onnx_latency_ms(path: Path, input_size: int, config: CourseConfig,
+                    batches: Sequence[int] = LATENCY_BATCHES) -> dict[int, float]:
+    """Median milliseconds per call of an ONNX model on ONNX Runtime CPU, per batch (the course's one timer)."""
+    from course_utils.core.timing import measure_latency
+    from course_utils.deploy.runtimes import OrtRunner
+
+    with OrtRunner(path, threads=config.benchmark.threads) as runner:
+        return {batch: measure_latency(runner, batch, input_size, config.benchmark.warmup,
+                                       config.benchmark.iterations).p50_ms for batch in batches}
+
+
+def run(config: CourseConfig, rebuild: bool = False) -> OnnxStageResult:
+    """The ONNX stage: export the deployed model (``deployed_model``), verify, optimize, time it, record it.
+
+    Notebook 04, ``python -m course_utils export`` and ``prepare-demo`` call this. It needs the fine-tuning
+    stage's record (else it says which notebook to run) and never trains anything itself.
+    """
+    from course_utils.core.artifacts import FileRef, OnnxRecord
+    from course_utils.core.ledger import Ledger
+    from course_utils.vision.deployment import load_deployed
+
+    model, deployed = load_deployed(config)
+    artifacts = course_onnx(config, model, rebuild=rebuild, source=deployed.kind)
+    latency = onnx_latency_ms(artifacts.optimized_path, artifacts.input_size, config)
+    record = Ledger(config.workspace).save(OnnxRecord(
+        raw=FileRef.of(artifacts.raw_path, config.workspace),
+        optimized=FileRef.of(artifacts.optimized_path, config.workspace), source=deployed.kind,
+        backbone=artifacts.backbone, input_name=artifacts.input_name, output_name=artifacts.output_name,
+        input_size=artifacts.input_size, made_from={"model": deployed.sha256},
+        settings={"export": config.export.model_dump()}, tools=tool_versions(),
+        metrics=stage_metrics(artifacts, latency)))
+    return OnnxStageResult(artifacts, latency, record, deployed)
 
 
 # --------------------------------------------------------------------------------- notebook helpers

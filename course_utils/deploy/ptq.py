@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import logging
@@ -33,8 +32,11 @@ from typing import Any, Literal
 import numpy as np
 
 from course_utils.core.atomic import atomic_path
+from course_utils.core.artifacts import PtqRecord
 from course_utils.core.config import CourseConfig, QuantConfig
 from course_utils.core.environment import package_version
+from course_utils.core.errors import CourseError
+from course_utils.core.lazy import lazy_import
 from course_utils.core.sealed_cache import cache_state, seal, sidecar
 from course_utils.deploy.calibration import (
     CALIBRATORS,
@@ -43,7 +45,7 @@ from course_utils.deploy.calibration import (
     Calibrator,
     calibration_cache_path,
 )
-from course_utils.deploy.tensorrt_engines import PTQ_QDQ_KEY, OnnxModel
+from course_utils.deploy.tensorrt_engines import OnnxModel
 
 Tool = Literal["onnxruntime", "modelopt"]
 ARTIFACT_FORMAT = 1  # bump when the way an INT8 file is made changes in a way its key cannot see
@@ -52,7 +54,7 @@ MODELOPT_METHODS = ("max", "entropy")
 LATENCY_BATCHES = (1, 8)
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(CourseError, RuntimeError):
     """A quantization that cannot run as asked; the message says what to do."""
 
 
@@ -193,10 +195,7 @@ def modelopt_command(source: Path, output: Path, calibration_data: Path, method:
 def _quantize_modelopt(model: OnnxModel, recipe: Recipe, calibration: CalibrationSet, output: Path) -> None:
     # In a separate process: ModelOpt patches ONNX Runtime's quantization classes when it runs, and ONNX Runtime's
     # own quantize_static in the same process then fails ("Quantization parameters are not specified").
-    if importlib.util.find_spec("modelopt") is None:
-        raise QuantizationError("ModelOpt's ONNX PTQ needs nvidia-modelopt: pip install nvidia-modelopt cppimport lief "
-                                "onnxconverter-common requests huggingface_hub (not the [onnx] extra, which "
-                                "downgrades onnx), or pip install -e '.[deploy]'.")
+    lazy_import("modelopt", "deploy", "ModelOpt's ONNX PTQ")  # the package only: the PTQ runs in a subprocess
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".modelopt-") as work:
         source, result, data = Path(work) / "fp32.onnx", Path(work) / "int8.onnx", Path(work) / "calibration.npy"
         shutil.copyfile(model.path, source)  # ModelOpt rewrites the file it is given: never hand it the original
@@ -245,7 +244,8 @@ def predictions(runner: Any, images: np.ndarray, batch_size: int = 8) -> np.ndar
 def _measure(path: Path, precision: str, images: np.ndarray, config: CourseConfig, latency: bool
              ) -> tuple[np.ndarray, dict[int, float]]:
     """Predictions on ``images`` and p50 latency per batch (the course's one benchmark, the config's settings)."""
-    from course_utils.deploy.runtimes import OrtRunner, measure_latency
+    from course_utils.core.timing import measure_latency
+    from course_utils.deploy.runtimes import OrtRunner
 
     bench = config.benchmark
     with OrtRunner(path, threads=bench.threads, precision=precision) as runner:
@@ -311,12 +311,7 @@ def calibration_ablation(model: OnnxModel, recipe: Recipe, full: CalibrationSet,
 
 def ptq_metrics(fp32: VariantResult, variants: Sequence[VariantResult], ablation: Sequence[dict[str, Any]],
                 ablation_method: str, calibration: CalibrationSet) -> dict[str, Any]:
-    """The ledger's ``ptq`` stage: FP32, every variant, the ablation, the best CPU model and the TensorRT Q/DQ.
-
-    ``best_cpu_model_path`` is read by the runtimes (notebook 05, the app), ``tensorrt_qdq_path`` by the engines.
-    """
-    from course_utils.deploy.runtimes import PTQ_CPU_KEY
-
+    """The PTQ record's figures: FP32, every variant, the ablation, which variants the record's files are."""
     best = best_cpu_variant(variants)
     qdq = best_tensorrt_variant(variants)
     metrics: dict[str, Any] = {
@@ -328,12 +323,12 @@ def ptq_metrics(fp32: VariantResult, variants: Sequence[VariantResult], ablation
         "ablation": {"method": ablation_method,
                      **{f"{row['calibration_images']}_images":
                         {k: v for k, v in row.items() if k != "calibration_images"} for row in ablation}},
-        "best_cpu_variant": best.name, PTQ_CPU_KEY: str(best.path),
+        "best_cpu_variant": best.name,
         "best_cpu_top1_drop_vs_fp32": round(best.top1_drop_vs_fp32, 6),
         "best_cpu_speedup_b8": round(fp32.latency_ms_b8 / best.latency_ms_b8, 3),
     }
     if qdq is not None:
-        metrics |= {"tensorrt_qdq_variant": qdq.name, PTQ_QDQ_KEY: str(qdq.path)}
+        metrics["tensorrt_qdq_variant"] = qdq.name
     return metrics
 
 
@@ -384,24 +379,52 @@ def calibration_batch(config: CourseConfig) -> int:
 
 
 def course_fp32_onnx(config: CourseConfig) -> tuple[OnnxModel, Any]:
-    """The ONNX stage's optimized FP32 model (made on the spot if missing) and the preprocessing it expects."""
-    from course_utils.deploy.onnx_export import course_onnx
+    """The ONNX stage's optimized FP32 model of the model that ships now, and the preprocessing it expects.
+
+    Nothing is exported here: a missing or stale export raises an error that names notebook 04.
+    """
+    from course_utils.core.artifacts import OnnxRecord
+    from course_utils.core.ledger import Ledger
+    from course_utils.deploy.tensorrt_engines import onnx_model
     from course_utils.vision.zoo import entry
 
-    artifacts = course_onnx(config)
-    preprocessing = entry(artifacts.backbone).preprocessing
-    if preprocessing.input_size != artifacts.input_size:
-        raise QuantizationError(f"{artifacts.optimized_path} takes {artifacts.input_size} px images but "
-                                f"{artifacts.backbone} is preprocessed to {preprocessing.input_size} px: "
-                                "rerun notebook 04.")
-    model = OnnxModel.from_path(artifacts.optimized_path, artifacts.input_name, artifacts.output_name,
-                                artifacts.input_size)
+    model = onnx_model(config)
+    record = Ledger(config.workspace).require(OnnxRecord)
+    preprocessing = entry(record.backbone).preprocessing
+    if preprocessing.input_size != model.input_size:
+        raise QuantizationError(f"{model.path} takes {model.input_size} px images but {record.backbone} is "
+                                f"preprocessed to {preprocessing.input_size} px: rerun notebook 04.")
     return model, preprocessing
 
 
-def run_ptq(config: CourseConfig) -> dict[str, Any]:
-    """The whole PTQ stage as ``python -m course_utils quantize`` runs it; records and returns ledger ``ptq``."""
+@dataclass
+class PtqResult:
+    """The PTQ stage's outcome: FP32 and every INT8 variant measured, the ablation, the record."""
+
+    fp32: VariantResult
+    variants: list[VariantResult]
+    ablation: list[dict[str, Any]]
+    record: PtqRecord
+
+
+def save_record(config: CourseConfig, model: OnnxModel, fp32: VariantResult, variants: Sequence[VariantResult],
+                ablation: Sequence[dict[str, Any]], calibration: CalibrationSet) -> PtqRecord:
+    """Record the stage: the fastest CPU INT8 model and the TensorRT Q/DQ model as files made from ``model``."""
+    from course_utils.core.artifacts import FileRef, PtqRecord
     from course_utils.core.ledger import Ledger
+
+    best, qdq = best_cpu_variant(variants), best_tensorrt_variant(variants)
+    return Ledger(config.workspace).save(PtqRecord(
+        cpu_int8=FileRef.of(best.path, config.workspace),
+        tensorrt_qdq=FileRef.of(qdq.path, config.workspace) if qdq is not None else None,
+        made_from={"onnx": model.sha256}, settings={"quant": config.quant.model_dump()},
+        tools=tool_versions("modelopt"),
+        metrics=ptq_metrics(fp32, variants, ablation, config.quant.ablation_method, calibration)))
+
+
+def run(config: CourseConfig) -> PtqResult:
+    """The whole PTQ stage as ``python -m course_utils quantize`` and ``prepare-demo`` run it (notebook 06 teaches
+    it cell by cell and ends with ``save_record``)."""
     from course_utils.deploy.calibration import build_calibration_set
     from course_utils.deploy.runtimes import validation_arrays
     from course_utils.vision.data import resolve_dataset
@@ -418,6 +441,6 @@ def run_ptq(config: CourseConfig) -> dict[str, Any]:
     ablation = calibration_ablation(model, Recipe("onnxruntime", config.quant.ablation_method), full,
                                     ablation_sizes(config.quant.calibration_ablation, full), int8_dir(config),
                                     images, labels, reference, config)
-    metrics = ptq_metrics(fp32, variants, ablation, config.quant.ablation_method, calibration)
-    Ledger(config.workspace).record("ptq", metrics, replace=True)
-    return metrics
+    record = save_record(config, model, fp32, variants, ablation, calibration)
+    return PtqResult(fp32, variants, ablation, record)
+

@@ -25,15 +25,18 @@ from typing import Any, Literal
 
 import numpy as np
 
+from course_utils.core.artifacts import DeployedModel, QatRecord
 from course_utils.core.atomic import write_json_atomic
 from course_utils.core.config import CourseConfig
+from course_utils.core.errors import CourseError
+from course_utils.core.lazy import lazy_import
 from course_utils.deploy.calibration import CalibrationSet
 from course_utils.deploy.ptq import build_or_reuse, calibration_batch, int8_dir, key_digest, quiet_quantizers
 
 RunKind = Literal["qat", "fp32"]
 
 
-class QatError(RuntimeError):
+class QatError(CourseError, RuntimeError):
     """A QAT step that cannot run as asked; the message says what to do."""
 
 
@@ -48,15 +51,10 @@ def qat_config(config: CourseConfig) -> CourseConfig:
 
 
 def _modelopt_quantization() -> Any:
-    try:
-        # Importing it warns about CUDA, TorchScript and transformers versions, none of which QAT on the CPU uses.
-        with quiet_quantizers(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import modelopt.torch.quantization as mtq
-    except ImportError as error:
-        raise QatError(f"QAT needs NVIDIA ModelOpt ({error}): pip install nvidia-modelopt, "
-                       "or pip install -e '.[deploy]'.") from None
-    return mtq
+    # Importing it warns about CUDA, TorchScript and transformers versions, none of which QAT on the CPU uses.
+    with quiet_quantizers(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lazy_import("modelopt.torch.quantization", "deploy", "QAT")
 
 
 def fake_quantize(model: Any, calibration: CalibrationSet) -> Any:
@@ -81,7 +79,7 @@ def fake_quantize(model: Any, calibration: CalibrationSet) -> Any:
 
 def enabled_quantizers(model: Any) -> int:
     """How many of the model's fake quantizers are active (inputs and weights of every quantized layer)."""
-    from modelopt.torch.quantization.nn import TensorQuantizer
+    TensorQuantizer = lazy_import("modelopt.torch.quantization.nn", "deploy", "QAT").TensorQuantizer
 
     return sum(isinstance(m, TensorQuantizer) and m.is_enabled for m in model.modules())
 
@@ -181,7 +179,8 @@ def onnx_parity(model: Any, onnx_path: Path, images: np.ndarray, threads: int = 
     Small logit differences are expected: both round to the same INT8 grid, but values that sit on a
     rounding boundary may land one level apart, and the two accumulate in different orders.
     """
-    from course_utils.deploy.runtimes import OrtRunner, TorchRunner
+    from course_utils.deploy.runtimes import OrtRunner
+    from course_utils.vision.inference import TorchRunner
 
     with OrtRunner(onnx_path, threads=threads, precision="int8") as onnx_runner:
         onnx_logits = np.concatenate([onnx_runner.run(images[i:i + batch_size])
@@ -216,7 +215,7 @@ class QatResult:
                 "val_top1_ptq_same_recipe": self.val_top1_ptq_same_recipe,
                 "ptq_top1_drop_vs_fp32": round(self.val_top1_fp32 - self.val_top1_ptq_same_recipe, 6),
                 "val_top1_fp32": self.val_top1_fp32, "val_top1_fp32_same_steps": self.val_top1_fp32_same_steps,
-                "epochs": self.epochs, "onnx_path": str(self.onnx_path), "quantizers": self.quantizers,
+                "epochs": self.epochs, "quantizers": self.quantizers,
                 "onnx_parity_agreement": self.parity.agreement, "onnx_parity_near_ties": self.parity.near_ties,
                 "onnx_parity_max_abs_diff": round(self.parity.max_abs_diff, 6), "onnx_parity_ok": self.parity.ok()}
 
@@ -230,15 +229,30 @@ class QatResult:
                 {"model": "INT8 QAT", "val_top1": self.val_top1, "extra steps": self.epochs}]
 
 
-def run_qat(config: CourseConfig) -> QatResult:
-    """The whole QAT stage as ``python -m course_utils qat`` runs it; records ledger ``qat`` and returns the result."""
+def save_record(config: CourseConfig, deployed: DeployedModel, result: QatResult) -> QatRecord:
+    """Record the stage: the Q/DQ ONNX made from the deployed model, and the PTQ/QAT/FP32 comparison."""
+    from course_utils.core.artifacts import FileRef, QatRecord
+    from course_utils.core.environment import package_version
     from course_utils.core.ledger import Ledger
-    from course_utils.deploy.calibration import build_calibration_set
-    from course_utils.deploy.onnx_export import deployed_model, model_sha256
-    from course_utils.deploy.runtimes import TorchRunner, top1, validation_arrays
-    from course_utils.vision.data import resolve_dataset
 
-    dataset, (model, _) = resolve_dataset(config), deployed_model(config)
+    return Ledger(config.workspace).save(QatRecord(
+        onnx=FileRef.of(result.onnx_path, config.workspace), made_from={"model": deployed.sha256},
+        settings={"quant": config.quant.model_dump(), "export": config.export.model_dump()},
+        tools={"modelopt": package_version("modelopt"), "torch": package_version("torch")},
+        metrics=result.ledger()))
+
+
+def run(config: CourseConfig) -> QatResult:
+    """The whole QAT stage as ``python -m course_utils qat`` runs it (notebook 07 teaches it cell by cell and ends
+    with ``save_record``); needs the deployed model (notebook 02, and 03 if pruning met its target)."""
+    from course_utils.deploy.calibration import build_calibration_set
+    from course_utils.deploy.onnx_export import model_sha256
+    from course_utils.deploy.runtimes import top1, validation_arrays
+    from course_utils.vision.data import resolve_dataset
+    from course_utils.vision.deployment import load_deployed
+    from course_utils.vision.inference import TorchRunner
+
+    dataset, (model, deployed) = resolve_dataset(config), load_deployed(config)
     transform = model.preprocessing.eval_transform()
     calibration = build_calibration_set(dataset.samples["train"], transform, config.quant.calibration_images,
                                         calibration_batch(config), config.seed)
@@ -256,5 +270,5 @@ def run_qat(config: CourseConfig) -> QatResult:
     result = QatResult(fp32_top1, ptq_top1, top1(TorchRunner(model), images, labels),
                        top1(TorchRunner(control), images, labels), len(trained.history), onnx_path,
                        onnx_parity(model, onnx_path, images, config.benchmark.threads), enabled_quantizers(model))
-    Ledger(config.workspace).record("qat", result.ledger(), replace=True)
+    save_record(config, deployed, result)
     return result

@@ -7,106 +7,31 @@ accuracy check, the INT8 stage and the app rely on::
     with OrtRunner(path, threads=1) as runner:
         logits = runner.run(images)
 
-Runners: ``TorchRunner`` (PyTorch eager, CPU or CUDA), ``OrtRunner`` (ONNX Runtime: CPU, or the CUDA and
-TensorRT execution providers of onnxruntime-gpu) and ``TensorRTRunner`` (an engine through Polygraphy's
-``TrtRunner``). Every runner copies its input in and its output out, so all are timed end to end alike.
+Runners: ``TorchRunner`` (PyTorch eager, CPU or CUDA; in ``course_utils.vision.inference``), ``OrtRunner``
+(ONNX Runtime: CPU, or the CUDA and TensorRT execution providers of onnxruntime-gpu) and ``TensorRTRunner``
+(an engine through Polygraphy's ``TrtRunner``). Every runner copies its input in and its output out, so all
+are timed end to end alike. ``Runner``, ``Latency`` and the one timer, ``measure_latency``, live in
+``course_utils.core.timing``: the zoo, the ONNX stage, this benchmark and the INT8 stage all time with it.
 """
 
 from __future__ import annotations
 
-import abc
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from typing_extensions import Self
 
-PTQ_CPU_KEY = "best_cpu_model_path"  # ledger "ptq": the INT8 ONNX that runs fastest on ONNX Runtime CPU
+from course_utils.core.config import CourseConfig
+from course_utils.core.lazy import lazy_import
+from course_utils.core.timing import Latency, Runner, RuntimeUnavailableError, measure_latency
+from course_utils.vision.inference import TorchRunner
 
+if TYPE_CHECKING:
+    from course_utils.core.artifacts import BenchmarkRecord
 
-class RuntimeUnavailableError(RuntimeError):
-    """A runtime or device this machine does not have; the message says what to install or choose."""
-
-
-class Runner(abc.ABC):
-    """A model behind one runtime: ``run(images) -> logits``, both float32 NumPy arrays.
-
-    ``runtime``: pytorch, onnxruntime or tensorrt; ``precision``: fp32, fp16 or int8; ``device``: cpu,
-    cuda or tensorrt (ONNX Runtime's TensorRT provider); ``max_batch``: the largest batch accepted
-    (None: any). Use it as a context manager, or call ``close()``, to free its resources.
-    """
-
-    runtime: str = ""
-    precision: str = "fp32"
-    device: str = "cpu"
-    max_batch: int | None = None
-
-    @property
-    def threads(self) -> int | None:
-        """CPU intra-op threads the runner computes with (None where the GPU computes)."""
-        return None
-
-    @property
-    def key(self) -> str:
-        """The ledger key: ``onnxruntime_fp32``, ``tensorrt_int8``, ``pytorch_fp32_cuda``."""
-        suffix = "" if self.device == "cpu" or self.runtime == "tensorrt" else f"_{self.device}"
-        return f"{self.runtime}_{self.precision}{suffix}"
-
-    @abc.abstractmethod
-    def run(self, images: np.ndarray) -> np.ndarray:
-        """Logits for a float32 NCHW batch."""
-
-    def synchronize(self) -> None:
-        """Wait until queued device work is done (timing calls this after every run)."""
-
-    def close(self) -> None:
-        """Free the runner's resources."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.close()
-
-
-class TorchRunner(Runner):
-    """PyTorch eager. ``device="cuda"`` moves the model to the GPU; ``threads`` sets PyTorch's CPU threads."""
-
-    runtime = "pytorch"
-
-    def __init__(self, model: Any, device: str = "cpu", threads: int | None = None) -> None:
-        import torch
-
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeUnavailableError("device='cuda' but PyTorch sees no CUDA GPU: use device='cpu'.")
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.device = device
-        self.model = model.to(device).eval()
-
-    @property
-    def threads(self) -> int | None:
-        import torch
-
-        return torch.get_num_threads() if self.device == "cpu" else None
-
-    def run(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
-        return logits.float().cpu().numpy()
-
-    def synchronize(self) -> None:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
 
 
 ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -166,7 +91,7 @@ class TensorRTRunner(Runner):
 
     def __init__(self, engine_path: Path, precision: str, profile: int = 0,
                  max_batch: int | None = None) -> None:
-        from polygraphy.backend.common import BytesFromPath
+        BytesFromPath = lazy_import("polygraphy.backend.common", "deploy", "A TensorRT runner").BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
         self.precision, self.max_batch = precision, max_batch
@@ -183,61 +108,30 @@ class TensorRTRunner(Runner):
             self._runner.deactivate()
 
 
-def ptq_cpu_model(workspace: Path) -> Path | None:
-    """The quantization stage's INT8 ONNX for ONNX Runtime CPU, when it has made one."""
+def ptq_cpu_model(config: CourseConfig, onnx_sha256: str) -> Path | None:
+    """The quantization stage's INT8 ONNX for ONNX Runtime CPU, when it was made from the FP32 ONNX ``onnx_sha256``."""
+    from course_utils.core.artifacts import PtqRecord
     from course_utils.core.ledger import Ledger
 
-    recorded = Ledger(workspace).stage("ptq").get(PTQ_CPU_KEY)
-    return Path(recorded) if recorded and Path(recorded).exists() else None
+    record = Ledger(config.workspace).load(PtqRecord)
+    if record is None or record.cpu_int8 is None or record.made_from.get("onnx") != onnx_sha256:
+        return None
+    return record.cpu_int8.resolve(config.workspace) if record.cpu_int8.problem(config.workspace) is None else None
 
 
-def course_runners(model: Any, onnx_path: Path, threads: int, workspace: Path,
+def course_runners(model: Any, onnx_path: Path, threads: int, int8_path: Path | None = None,
                    engines: Mapping[str, Path] | None = None,
                    engine_max_batch: int | None = None) -> list[Runner]:
-    """PyTorch and ONNX Runtime FP32 on the CPU, ONNX Runtime INT8 once notebook 06 made it, TensorRT engines.
+    """PyTorch and ONNX Runtime FP32 on the CPU, ONNX Runtime INT8 when given (``ptq_cpu_model``), TensorRT engines.
 
     ``engines`` maps a precision to an engine file, run on profile 0 with up to ``engine_max_batch`` images.
     """
     runners: list[Runner] = [TorchRunner(model, threads=threads), OrtRunner(onnx_path, threads=threads)]
-    if (int8 := ptq_cpu_model(workspace)) is not None:
+    if (int8 := int8_path) is not None:
         runners.append(OrtRunner(int8, threads=threads, precision="int8"))
     runners += [TensorRTRunner(path, precision, max_batch=engine_max_batch)
                 for precision, path in (engines or {}).items()]
     return runners
-
-
-@dataclass(frozen=True)
-class Latency:
-    """Latency percentiles (milliseconds) of one runner at one batch size."""
-
-    batch: int
-    iterations: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-
-    @property
-    def throughput(self) -> float:
-        """Images per second over all timed runs."""
-        return self.batch * 1000.0 / self.mean_ms
-
-
-def measure_latency(runner: Runner, batch: int, input_size: int, warmup: int, iterations: int,
-                    clock: Callable[[], float] = time.perf_counter) -> Latency:
-    """Time ``iterations`` runs on a random batch after ``warmup`` untimed ones (each run synchronized)."""
-    images = np.random.default_rng(batch).standard_normal((batch, 3, input_size, input_size), dtype=np.float32)
-    for _ in range(warmup):
-        runner.run(images)
-        runner.synchronize()
-    samples = []
-    for _ in range(iterations):
-        started = clock()
-        runner.run(images)
-        runner.synchronize()
-        samples.append((clock() - started) * 1000.0)
-    p50, p90, p99 = np.percentile(samples, [50, 90, 99])
-    return Latency(batch, iterations, float(p50), float(p90), float(p99), float(np.mean(samples)))
 
 
 def validation_arrays(samples: Sequence[tuple[Path, int]], transform: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -335,3 +229,51 @@ def compare_threads(make_runner: Callable[[int], Runner], counts: Sequence[int],
         with make_runner(count) as runner:
             timings[count] = measure_latency(runner, batch, input_size, warmup, iterations)
     return timings
+
+
+@dataclass
+class BenchmarkResult:
+    """The benchmark stage's outcome: one row per runtime, the thread comparison and the record."""
+
+    results: list[RuntimeResult]
+    threads: dict[int, Latency]
+    record: BenchmarkRecord
+
+
+def run_benchmark(config: CourseConfig, thread_counts: Sequence[int] = (1, 2)) -> BenchmarkResult:
+    """The benchmark stage: every runtime of the model that ships, on the validation split, side by side.
+
+    PyTorch and ONNX Runtime FP32 always; ONNX Runtime INT8 when notebook 06 made it from this ONNX; TensorRT
+    engines when this machine built them. Also times ONNX Runtime at each of ``thread_counts``. Notebook 05,
+    ``python -m course_utils benchmark`` and the final benchmark call this; runners are closed whatever happens.
+    """
+    from course_utils.core.artifacts import BenchmarkRecord
+    from course_utils.core.ledger import Ledger
+    from course_utils.deploy.tensorrt_engines import built_engines, onnx_model
+    from course_utils.vision.data import resolve_dataset
+    from course_utils.vision.deployment import load_deployed
+
+    bench = config.benchmark
+    model, deployed = load_deployed(config)
+    onnx = onnx_model(config)
+    images, labels = validation_arrays(resolve_dataset(config).samples["val"], model.preprocessing.eval_transform())
+    int8 = ptq_cpu_model(config, onnx.sha256)
+    runners = course_runners(model, onnx.path, bench.threads, int8, built_engines(config, onnx),
+                             config.engine.batch_max)
+    try:
+        results = benchmark(runners, bench.batch_sizes, onnx.input_size, bench.warmup, bench.iterations, images, labels)
+    finally:
+        for runner in runners:
+            runner.close()
+    threads = compare_threads(lambda n: OrtRunner(onnx.path, threads=n), thread_counts, batch=max(bench.batch_sizes),
+                              input_size=onnx.input_size, warmup=bench.warmup, iterations=bench.iterations)
+    metrics: dict[str, Any] = {**ledger_metrics(results),
+                               "onnxruntime_threads_p50_ms": {str(n): round(lat.p50_ms, 2) for n, lat in threads.items()}}
+    if 8 in bench.batch_sizes:
+        metrics["onnxruntime_vs_pytorch_b8"] = round(speedup(results, "onnxruntime_fp32", "pytorch_fp32"), 3)
+    made_from = {"model": deployed.sha256, "onnx": onnx.sha256}
+    record = Ledger(config.workspace).save(BenchmarkRecord(
+        made_from=made_from, settings={"benchmark": bench.model_dump(), "int8": int8 is not None},
+        metrics=metrics))
+    return BenchmarkResult(results, threads, record)
+

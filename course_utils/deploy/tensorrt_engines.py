@@ -29,9 +29,12 @@ from course_utils.core.atomic import atomic_path, write_json_atomic
 from course_utils.core.config import CourseConfig, EngineConfig
 from course_utils.core.downloads import sha256_file
 from course_utils.core.environment import package_version, tensorrt_version
+from course_utils.core.errors import CourseError
+from course_utils.core.lazy import lazy_import
 from course_utils.core.sealed_cache import CacheState, cache_state, discard_unless_valid, seal, sidecar
 
 if TYPE_CHECKING:
+    from course_utils.core.artifacts import EnginesRecord
     import tensorrt
 
     from course_utils.deploy.calibration import CalibrationCacheKey, CalibrationSet
@@ -41,13 +44,12 @@ LOG = logging.getLogger(__name__)
 Precision = Literal["fp32", "fp16", "int8"]
 CalibratorKind = Literal["entropy", "minmax"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
-PTQ_QDQ_KEY = "tensorrt_qdq_path"  # ledger "ptq": the explicit Q/DQ ONNX for TensorRT (notebook 06)
 OLDEST_TENSORRT = (8, 5)  # JetPack 5.1; Polygraphy supports nothing older
 # What a Jetson user has: JetPack release -> the TensorRT it ships (NVIDIA's JetPack release notes).
 JETPACK_TENSORRT = {"JetPack 5.1.x": "8.5.2", "JetPack 6.1 / 6.2": "10.3.0", "JetPack 7.0": "10.13.0"}
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(CourseError, RuntimeError):
     """An engine that cannot be planned or built as asked; the message says what to do."""
 
 
@@ -216,13 +218,19 @@ class OnnxModel:
         return cls(Path(path), sha256_file(Path(path)), input_name, output_name, input_size)
 
 
-def course_onnx_model(config: CourseConfig) -> OnnxModel:
-    """The optimized ONNX of the ONNX stage (notebook 04), made on the spot when missing or stale."""
-    from course_utils.deploy.onnx_export import course_onnx
+def onnx_model(config: CourseConfig) -> OnnxModel:
+    """The ONNX stage's optimized model of the model that ships now (``deployed_model``).
 
-    artifacts = course_onnx(config)
-    return OnnxModel.from_path(artifacts.optimized_path, artifacts.input_name, artifacts.output_name,
-                               artifacts.input_size)
+    Raises ``MissingArtifactError`` when notebook 04 has not run, ``StaleArtifactError`` when its export was
+    made from another model than the one deployed now: an engine is never built from a stale ONNX.
+    """
+    from course_utils.core.artifacts import OnnxRecord
+    from course_utils.core.ledger import Ledger, deployed_model
+
+    ledger = Ledger(config.workspace)
+    record = ledger.require(OnnxRecord, made_from={"model": deployed_model(ledger).sha256})
+    return OnnxModel(record.optimized.resolve(config.workspace), record.optimized.sha256, record.input_name,
+                     record.output_name, record.input_size)
 
 
 def engine_filename(model_sha256: str, precision: Precision, profiles: Sequence[BatchProfile], gpu: Gpu,
@@ -312,7 +320,7 @@ def plan_engine(model: OnnxModel, precision: Precision, route: BuildRoute, gpu: 
     if kind == "qdq-onnx" and qdq_onnx is None:
         raise EngineBuildError(
             f"INT8 on TensorRT {route.tensorrt} needs an explicit Q/DQ ONNX: strongly typed networks have no "
-            f"implicit calibration. Run notebook 06 (it records ledger ptq.{PTQ_QDQ_KEY}) or pass qdq_onnx=...")
+            f"implicit calibration. Run notebook 06 (`python -m course_utils quantize`) first, or pass qdq_onnx=...")
     calibrate = precision == "int8" and kind == "fp32-onnx"
     profiles = batch_profiles(engine)
     if calibrate and calibration_images < profiles[-1].opt:
@@ -389,11 +397,8 @@ def autocast_fp16(source: Path, output: Path) -> Path:
     """Convert an FP32 ONNX to mixed FP16 with ModelOpt AutoCast (FP32 inputs and outputs); runs on the CPU."""
     import onnx
 
-    try:
-        from modelopt.onnx.autocast import convert_to_mixed_precision
-    except ImportError as error:
-        raise EngineBuildError(f"FP16 on strongly typed TensorRT needs NVIDIA ModelOpt ({error}): "
-                               "pip install nvidia-modelopt, or pip install -e '.[deploy]'.") from None
+    convert_to_mixed_precision = lazy_import("modelopt.onnx.autocast", "deploy",
+                                             "FP16 on strongly typed TensorRT").convert_to_mixed_precision
     converted = convert_to_mixed_precision(str(source), low_precision_type="fp16", keep_io_types=True)
     with atomic_path(output) as tmp:
         onnx.save(converted, str(tmp))
@@ -437,7 +442,7 @@ def polygraphy_calibrator(plan: EnginePlan, calibration: CalibrationSet) -> Any:
     It reads the plan's calibration cache when present and writes it otherwise; ``build_engine``
     deletes a cache that was not made from this model, calibrator, TensorRT and data first.
     """
-    from polygraphy.backend.trt import Calibrator
+    Calibrator = lazy_import("polygraphy.backend.trt", "deploy", "Implicit INT8 calibration").Calibrator
 
     return Calibrator(calibration.batches(), cache=str(plan.calibration_cache),
                       BaseClass=_calibrator_class(plan.calibrator))
@@ -450,6 +455,7 @@ def engine_loader(plan: EnginePlan, output: Path, calibrator: Any = None,
     ``calibrator``: implicit INT8 only (``polygraphy_calibrator``). The timing cache is always
     saved (merged into the file); ``load_timing_cache=False`` starts cold.
     """
+    lazy_import("polygraphy.backend.trt", "deploy", "Building TensorRT engines")
     from polygraphy.backend.trt import (
         CreateConfig,
         EngineFromNetwork,
@@ -602,12 +608,16 @@ def engines_dir(config: CourseConfig) -> Path:
     return config.workspace / "engines"
 
 
-def qdq_onnx_path(config: CourseConfig) -> Path | None:
-    """The quantization stage's explicit Q/DQ ONNX for TensorRT, when it has made one."""
+def qdq_onnx_path(config: CourseConfig, model: OnnxModel) -> Path | None:
+    """The quantization stage's explicit Q/DQ ONNX for TensorRT, when it was made from ``model``."""
+    from course_utils.core.artifacts import PtqRecord
     from course_utils.core.ledger import Ledger
 
-    recorded = Ledger(config.workspace).stage("ptq").get(PTQ_QDQ_KEY)
-    return Path(recorded) if recorded and Path(recorded).exists() else None
+    record = Ledger(config.workspace).load(PtqRecord)
+    if record is None or record.tensorrt_qdq is None or record.made_from.get("onnx") != model.sha256:
+        return None
+    path = record.tensorrt_qdq.resolve(config.workspace)
+    return path if record.tensorrt_qdq.problem(config.workspace) is None else None
 
 
 def course_plans(config: CourseConfig, model: OnnxModel, tensorrt: str, gpu: Gpu
@@ -618,7 +628,7 @@ def course_plans(config: CourseConfig, model: OnnxModel, tensorrt: str, gpu: Gpu
     for precision in config.engine.precisions:
         try:
             plans[precision] = plan_engine(model, precision, route, gpu, config.engine, engines_dir(config),
-                                           qdq_onnx_path(config), config.quant.calibration_images)
+                                           qdq_onnx_path(config, model), config.quant.calibration_images)
         except EngineBuildError as error:
             plans[precision] = error
     return plans
@@ -661,6 +671,58 @@ def build_metrics(builds: dict[str, EngineBuild | EngineBuildError]) -> dict[str
     return {"build_seconds": {f"tensorrt_{p}": round(b.seconds, 3) for p, b in done.items()},
             "timing_cache_builds": {k: round(v, 3) for k, v in timed.items()},
             "skipped_engines": {p: str(b) for p, b in builds.items() if isinstance(b, EngineBuildError)}}
+
+
+@dataclass
+class EnginesResult:
+    """The engine stage's outcome: the plan per precision for ``target``, what was built here, the record."""
+
+    model: OnnxModel
+    target: str
+    gpu: Gpu
+    plans: dict[str, EnginePlan | EngineBuildError]
+    builds: dict[str, EngineBuild | EngineBuildError]
+    record: EnginesRecord
+
+    @property
+    def built_here(self) -> bool:
+        """True when this machine has TensorRT and a GPU and the stage built (or reused) engines."""
+        return bool(self.builds)
+
+
+def run(config: CourseConfig, plan_for: str | None = None) -> EnginesResult:
+    """The engine stage: plan every configured precision and, with TensorRT and a GPU here, build it.
+
+    Without TensorRT the plan is for ``JetPack 6.1 / 6.2`` on a Jetson Orin (the commands a Jetson user runs);
+    ``plan_for`` plans for another TensorRT version and records nothing. Needs the ONNX stage's record made
+    from the model that ships now (else it says to rerun notebook 04). Notebook 05, ``build-engine`` and
+    ``prepare-demo`` call this.
+    """
+    from course_utils.core.artifacts import EnginesRecord, FileRef
+    from course_utils.core.ledger import Ledger, deployed_model
+    from course_utils.vision.data import resolve_dataset
+    from course_utils.vision.zoo import entry
+
+    ledger = Ledger(config.workspace)
+    model = onnx_model(config)
+    installed, gpu_here = tensorrt_version(), detect_gpu()
+    target = plan_for or installed or JETPACK_TENSORRT["JetPack 6.1 / 6.2"]
+    build_here = plan_for is None and installed is not None and gpu_here is not None
+    gpu = gpu_here if build_here and gpu_here is not None else JETSON_ORIN
+    plans = course_plans(config, model, target, gpu)
+    builds: dict[str, EngineBuild | EngineBuildError] = {}
+    if build_here:
+        transform = entry(deployed_model(ledger).backbone).preprocessing.eval_transform()
+        builds = build_course_engines(config, resolve_dataset(config), model, transform)
+    record = EnginesRecord(
+        engines={p: FileRef.of(b.plan.engine_path, config.workspace) for p, b in builds.items()
+                 if isinstance(b, EngineBuild)},
+        tensorrt=installed, gpu=gpu.name if build_here else None, made_from={"onnx": model.sha256},
+        settings={"engine": config.engine.model_dump(), "planned_for_tensorrt": target},
+        metrics=build_metrics(builds))
+    if plan_for is None:
+        ledger.save(record)
+    return EnginesResult(model, target, gpu, plans, builds, record)
 
 
 def plans_text(plans: dict[str, EnginePlan | EngineBuildError]) -> str:

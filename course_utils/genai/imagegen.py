@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from course_utils.core.atomic import atomic_directory
 from course_utils.core.config import CourseConfig, ImageGenConfig
+from course_utils.core.errors import CourseError
+from course_utils.core.lazy import lazy_import
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -55,7 +57,7 @@ STYLE_PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
-class ImageGenError(RuntimeError):
+class ImageGenError(CourseError, RuntimeError):
     """Image generation cannot run as configured; the message says what to change."""
 
 
@@ -96,8 +98,8 @@ def tiny_pipeline_dir(config: CourseConfig) -> Path:
 
 
 def _tiny_fingerprint(seed: int) -> dict[str, Any]:
-    import diffusers
-    import transformers
+    diffusers = lazy_import("diffusers", "imagegen", "Image generation")
+    transformers = lazy_import("transformers", "imagegen", "Image generation")
 
     return {"recipe": TINY_RECIPE, "seed": seed, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "real_weights": False}
@@ -119,6 +121,9 @@ def _write_clip_vocab(folder: Path) -> None:
 
 def _tiny_components(vocab_dir: Path, seed: int) -> dict[str, Any]:
     import torch
+
+    lazy_import("diffusers", "imagegen", "Image generation")
+    lazy_import("transformers", "imagegen", "Image generation")
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -154,27 +159,20 @@ def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     Reused while its marker file matches this recipe, seed and library versions; otherwise rebuilt
     in a temporary folder and moved into place, so a crash never leaves half a pipeline.
     """
-    from diffusers import StableDiffusionPipeline
+    StableDiffusionPipeline = lazy_import("diffusers", "imagegen", "Image generation").StableDiffusionPipeline
 
     fingerprint = _tiny_fingerprint(seed)
     marker = folder / TINY_MARKER
     if marker.exists() and json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        vocab_dir = staging / "_vocab"
-        vocab_dir.mkdir()
-        pipe = StableDiffusionPipeline(**_tiny_components(vocab_dir, seed), safety_checker=None,
+    with atomic_directory(folder) as staging, \
+            tempfile.TemporaryDirectory(prefix=f".{folder.name}.vocab.", dir=folder.parent) as vocab_dir:
+        pipe = StableDiffusionPipeline(**_tiny_components(Path(vocab_dir), seed), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
-        pipe.save_pretrained(staging / "pipeline")
-        (staging / "pipeline" / TINY_MARKER).write_text(json.dumps(
+        pipe.save_pretrained(staging)
+        (staging / TINY_MARKER).write_text(json.dumps(
             {"fingerprint": fingerprint, "note": NOISE_NOTE.format(model=ImageGenConfig().model)}, indent=2),
             encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        (staging / "pipeline").rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -197,7 +195,7 @@ def _hub_snapshot(model_id: str) -> Path | None:
 def resolve_model(config: CourseConfig, online: bool | None = None) -> ModelSource:
     """Where this machine gets ``imagegen.model``: a local folder, the HF cache, a download, or the tiny fallback.
 
-    ``online=None`` probes the network (``COURSE_OFFLINE=1`` says offline without probing).
+    ``online=None`` probes the network (``config.offline``, which ``COURSE_OFFLINE=1`` sets, skips the probe).
     """
     settings = config.imagegen
     local = Path(settings.model).expanduser()
@@ -210,7 +208,7 @@ def resolve_model(config: CourseConfig, online: bool | None = None) -> ModelSour
     if online is None:
         from course_utils.core.environment import check_online
 
-        online = check_online()[0]
+        online = check_online(offline=config.offline)[0]
     if online:
         return ModelSource(settings.model, settings.model, True, False, "downloading into the Hugging Face cache")
     if settings.offline_fallback == "tiny-random":
@@ -337,7 +335,7 @@ class ImageGenerator:
         The new scheduler is built from the model's scheduler config, so its noise schedule matches the
         weights. LCM sampling only gives good pictures with an LCM-distilled model or LCM-LoRA.
         """
-        import diffusers
+        diffusers = lazy_import("diffusers", "imagegen", "Image generation")
 
         if name == "default":
             self.pipe.scheduler = self.default_scheduler
@@ -384,7 +382,8 @@ class ImageGenerator:
 
 
 def _load_pipeline(source: ModelSource, dtype: Any) -> Any:
-    from diffusers import AutoPipelineForText2Image
+    diffusers = lazy_import("diffusers", "imagegen", "Image generation")
+    AutoPipelineForText2Image = diffusers.AutoPipelineForText2Image
 
     options = {"dtype": dtype, "local_files_only": source.local_files_only}
     if source.real_weights and str(dtype) == "torch.float16":

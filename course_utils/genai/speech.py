@@ -35,6 +35,7 @@ import numpy as np
 from course_utils.core.atomic import atomic_path
 from course_utils.core.config import REPO_ROOT, CourseConfig, SpeechConfig
 from course_utils.core.downloads import DownloadError, RemoteFile, cached_path, fetch, sha256_file
+from course_utils.core.errors import CourseError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -71,7 +72,7 @@ EVAL_SENTENCES = (
 )
 
 
-class SpeechError(RuntimeError):
+class SpeechError(CourseError, RuntimeError):
     """Speech cannot run as asked; the message says what to change."""
 
 
@@ -131,10 +132,10 @@ def nemo_cache_dir(config: CourseConfig) -> Path:
 
 
 @functools.cache
-def _online() -> bool:
+def _online(offline: bool) -> bool:
     from course_utils.core.environment import check_online
 
-    return check_online()[0]
+    return check_online(offline=offline)[0]
 
 
 def nemo_checkpoint(name: str, config: CourseConfig, online: bool | None = None) -> Path | None:
@@ -148,7 +149,7 @@ def nemo_checkpoint(name: str, config: CourseConfig, online: bool | None = None)
     remote = NEMO_CHECKPOINTS[name].remote
     if (hit := cached_path(remote, nemo_cache_dir(config))) is not None:
         return hit
-    if not (_online() if online is None else online):
+    if not (_online(config.offline) if online is None else online):
         return None
     try:
         return fetch(remote, nemo_cache_dir(config))

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from course_utils.core.errors import CourseError
+
 
 @functools.cache
 def patch_numpy_in1d() -> None:
@@ -55,7 +57,7 @@ def _checkpoint_globals() -> list[Any]:
     return allowed
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(CourseError, RuntimeError):
     """A checkpoint that pickles objects the course will not unpickle."""
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import warnings
 import zlib
 from collections import Counter
@@ -22,17 +21,29 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from course_utils.core.atomic import write_text_atomic
+from course_utils.core.atomic import atomic_directory, write_text_atomic
 from course_utils.core.config import CourseConfig
 from course_utils.core.downloads import DownloadError, HashMismatchError, RemoteFile, fetch, sha256_file
+from course_utils.core.errors import CourseError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-CONVERTIBLE_MODES = {"RGB", "L", "LA", "RGBA", "P", "PA", "1"}
+SIXTEEN_BIT_GREY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # how Pillow opens 16-bit greyscale PNG/TIFF
+CONVERSIONS = {  # pixel modes load_rgb turns into 8-bit RGB, and what it does (reported in dataset.converted)
+    "L": "greyscale converted to RGB",
+    "LA": "greyscale with transparency composited on white",
+    "RGBA": "transparency composited on white",
+    "P": "palette expanded to RGB",
+    "PA": "palette with transparency composited on white",
+    "1": "black-and-white converted to RGB",
+    "CMYK": "CMYK converted to RGB",
+    **{mode: f"16-bit greyscale ({mode}) scaled to 8-bit RGB" for mode in SIXTEEN_BIT_GREY_MODES},
+}
+CONVERTIBLE_MODES = {"RGB", *CONVERSIONS}
 SPLITS = ("train", "val")
 AUTO_SPLIT_VAL_FRACTION = 0.2
 
 
-class DatasetError(ValueError):
+class DatasetError(CourseError, ValueError):
     """A dataset that cannot be used as it is; the message says what to change."""
 
 
@@ -74,8 +85,14 @@ class SkippedFile:
 
 
 @dataclass
+class ConvertedFile:
+    path: Path
+    conversion: str
+
+
+@dataclass
 class ImageFolderDataset:
-    """A checked ImageFolder: the usable samples of each split, and what was skipped and why."""
+    """A checked ImageFolder: the usable samples of each split, what was skipped and why, what was converted."""
 
     root: Path
     name: str
@@ -84,6 +101,7 @@ class ImageFolderDataset:
     samples: dict[str, list[tuple[Path, int]]]
     skipped: list[SkippedFile] = field(default_factory=list)
     fallback_reason: str | None = None
+    converted: list[ConvertedFile] = field(default_factory=list)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class in each split."""
@@ -101,6 +119,7 @@ class ImageFolderDataset:
             "classes": self.classes,
             "counts": self.counts(),
             "skipped": len(self.skipped),
+            "converted": len(self.converted),
             "fallback_reason": self.fallback_reason,
         }
 
@@ -131,27 +150,56 @@ def verify_manifest(manifest: Path, base: Path) -> int:
     return checked
 
 
-def check_image(path: Path) -> str | None:
-    """Why ``path`` cannot be used as a training image, or None when it can."""
+def _sixteen_bit_colour(image: Image.Image) -> bool:
+    """True for a 16-bit-per-channel colour file, which Pillow reads as 8-bit RGB/RGBA (before ``load()``)."""
+    if image.mode not in {"RGB", "RGBA"} or not image.tile:
+        return False
+    args = image.tile[0][3]
+    rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+    return ";16" in str(rawmode)
+
+
+def inspect_image(path: Path) -> tuple[str | None, str | None]:
+    """``(why path cannot be used, None)``, or ``(None, what load_rgb converts)`` (None when it is 8-bit RGB)."""
     if path.stat().st_size == 0:
-        return "empty file (0 bytes)"
+        return "empty file (0 bytes)", None
     try:
         with Image.open(path) as image:
             mode = image.mode
             if mode not in CONVERTIBLE_MODES:
-                return f"unsupported pixel mode {mode} (convert it to 8-bit RGB)"
+                return f"unsupported pixel mode {mode} (save it as 8- or 16-bit RGB or greyscale)", None
+            conversion = CONVERSIONS.get(mode)
+            if _sixteen_bit_colour(image):
+                conversion = f"16-bit {mode} scaled to 8-bit" + (", transparency composited on white"
+                                                                 if mode == "RGBA" else "")
             image.draft("RGB", (64, 64))
             image.load()
+            if mode == "I" and not (0 <= min(image.getextrema()) and max(image.getextrema()) <= 65535):
+                return "32-bit integer pixels outside 0..65535 (save it as 8- or 16-bit)", None
     except UnidentifiedImageError:
-        return "not an image PIL can read"
+        return "not an image PIL can read", None
     except (OSError, SyntaxError, ValueError) as error:
-        return f"corrupt or truncated image ({error})"
-    return None
+        return f"corrupt or truncated image ({error})", None
+    return None, conversion
+
+
+def check_image(path: Path) -> str | None:
+    """Why ``path`` cannot be used as a training image, or None when it can."""
+    return inspect_image(path)[0]
+
+
+def _scale_to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit greyscale as 8-bit ``L``: 0..65535 maps onto 0..255 (divided by 257, rounded), not clipped at 255."""
+    pixels = np.clip(np.asarray(image).astype(np.float64), 0, 65535)
+    return Image.fromarray(np.rint(pixels / 257).astype(np.uint8))
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Open an image as 8-bit RGB; transparency is composited on white, palettes are expanded."""
+    """Open an image as 8-bit RGB; transparency is composited on white, palettes are expanded, CMYK is
+    converted and 16-bit greyscale is scaled to 8 bits."""
     with Image.open(path) as image:
+        if image.mode in SIXTEEN_BIT_GREY_MODES:
+            return _scale_to_8_bits(image).convert("RGB")
         if image.mode in {"RGBA", "LA", "PA"} or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -212,15 +260,18 @@ def read_image_folder(
     classes = [d.name for d in next(iter(layout.values()))]
     samples: dict[str, list[tuple[Path, int]]] = {split: [] for split in SPLITS}
     skipped: list[SkippedFile] = []
+    converted: list[ConvertedFile] = []
     for split, dirs in layout.items():
         for label, class_dir in enumerate(dirs):
             usable = []
             for path in _image_files(class_dir):
-                reason = check_image(path)
+                reason, conversion = inspect_image(path)
                 if reason:
                     skipped.append(SkippedFile(path, reason))
                 else:
                     usable.append(path)
+                    if conversion:
+                        converted.append(ConvertedFile(path, conversion))
             if not usable:
                 raise DatasetError(f"Class folder {class_dir} has no usable images: add some, or remove the folder.")
             if split == "all":
@@ -237,7 +288,7 @@ def read_image_folder(
     if skipped:
         warnings.warn(f"Skipped {len(skipped)} unusable file(s) in {root}; see dataset.skipped.", stacklevel=2)
     return ImageFolderDataset(root=root, name=name or root.name, source=source, classes=classes,
-                              samples=samples, skipped=skipped)
+                              samples=samples, skipped=skipped, converted=converted)
 
 
 def _download_remote(spec: RemoteDataset, cache: Path) -> Path:
@@ -255,14 +306,8 @@ def _download_remote(spec: RemoteDataset, cache: Path) -> Path:
 
 def _fill_atomically(target: Path, fill: Callable[[Path], None]) -> None:
     """Fill a fresh temporary folder beside ``target``, then swap it in: no half-built folder survives."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_directory(target) as tmp:
         fill(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _locate_remote(spec: RemoteDataset, config: CourseConfig, online: bool) -> tuple[Path, str]:
@@ -374,7 +419,7 @@ def resolve_dataset(config: CourseConfig, online: bool | None = None) -> ImageFo
         root = _build_local(spec, config)
         return read_image_folder(root, spec.name, "built offline from package images", limit)
     if online is None:
-        online = check_online()[0]
+        online = check_online(offline=config.offline)[0]
     try:
         root, source = _locate_remote(spec, config, online)
     except DatasetError as error:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from course_utils.core.config import CourseConfig, TrainConfig
 from course_utils.core.environment import seed_everything
 from course_utils.vision.data import ImageFolderDataset, load_rgb
 from course_utils.vision.zoo import Classifier
+
+if TYPE_CHECKING:
+    from course_utils.core.artifacts import FinetuneRecord
 
 LAST_FRACTION = 0.4  # unfreeze="last": the last 40% of the backbone's parameter tensors, in forward order
 Sample = tuple[Path, int]
@@ -284,7 +287,8 @@ def train_classifier(config: CourseConfig, dataset: ImageFolderDataset, pretrain
     seed_everything(config.seed)  # the new head's initial weights are random too
     model = load(config.model.backbone, dataset.classes, pretrained=pretrained,
                  allow_random_init=config.model.allow_random_init or not pretrained,
-                 cache_root=config.workspace / "cache", online=pretrained and check_online()[0])
+                 cache_root=config.workspace / "cache",
+                 online=pretrained and check_online(offline=config.offline)[0])
     result = fit(model, dataset, config, device=device)
     return model, result, evaluate(model, dataset.samples["val"], config.train.batch_size)
 
@@ -301,20 +305,34 @@ def summary(model: Classifier, result: TrainResult, evaluation: Evaluation, data
     }
 
 
-def course_model(config: CourseConfig) -> Classifier:
-    """The fine-tuned model later stages start from (``<workspace>/models/finetuned.pt``).
+@dataclass
+class FinetuneResult:
+    """The fine-tuning stage's outcome: the trained model, its history, its evaluation and the ledger record."""
 
-    In smoke mode a missing model is trained on the spot so every notebook can run on its own;
-    otherwise the error says which notebook or command makes it.
+    model: Classifier
+    training: TrainResult
+    evaluation: Evaluation
+    record: FinetuneRecord
+
+
+def run(config: CourseConfig, dataset: ImageFolderDataset | None = None, pretrained: bool = True) -> FinetuneResult:
+    """The fine-tuning stage: train (or resume, or reuse a finished run), save ``models/finetuned.pt``, record it.
+
+    Notebook 02, ``python -m course_utils train`` and ``prepare-demo`` all call this; a run whose settings
+    match a finished one returns at once with its weights.
     """
+    from course_utils.core.artifacts import FileRef, FinetuneRecord
+    from course_utils.core.ledger import Ledger
     from course_utils.vision.data import resolve_dataset
-    from course_utils.vision.zoo import load_classifier, save_classifier
+    from course_utils.vision.zoo import save_classifier
 
-    path = models_dir(config) / "finetuned.pt"
-    if not path.exists():
-        if not config.smoke:
-            raise FileNotFoundError(f"No fine-tuned model at {path}: run notebook 02 or "
-                                    "`python -m course_utils train` first.")
-        model, _, _ = train_classifier(config, resolve_dataset(config))
-        save_classifier(model, path)
-    return load_classifier(path)
+    dataset = dataset or resolve_dataset(config)
+    model, training, evaluation = train_classifier(config, dataset, pretrained=pretrained)
+    saved = save_classifier(model, models_dir(config) / "finetuned.pt")
+    record = FinetuneRecord(
+        checkpoint=FileRef.of(saved, config.workspace), backbone=model.backbone, dataset=dataset.name,
+        classes=list(model.classes), weights=model.weights, settings={"train": config.train.model_dump(),
+                                                                      "seed": config.seed},
+        metrics=summary(model, training, evaluation, dataset))
+    Ledger(config.workspace).save(record)
+    return FinetuneResult(model, training, evaluation, record)

@@ -29,10 +29,15 @@ from torch import nn
 
 from course_utils.core.atomic import atomic_path, write_json_atomic
 from course_utils.core.config import CourseConfig
+from course_utils.core.environment import package_version
+from course_utils.core.errors import CourseError
+from course_utils.core.lazy import MissingDependencyError, lazy_import
 from course_utils.vision.zoo import Classifier, cpu_latency_ms
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from course_utils.core.artifacts import DeployedModel, PruneRecord
 
     from course_utils.vision.data import ImageFolderDataset
     from course_utils.vision.finetune import Sample
@@ -67,7 +72,7 @@ UNPRUNABLE: dict[str, str] = {
 }
 
 
-class PruningError(ValueError):
+class PruningError(CourseError, ValueError):
     """A pruning request the course cannot carry out; the message says why and what to do instead."""
 
 
@@ -116,7 +121,7 @@ def example_input(model: Classifier, input_size: int | None = None, batch_size: 
 
 
 def _importance(name: str, normalizer: str | None) -> Any:
-    import torch_pruning as tp
+    tp = lazy_import("torch_pruning", "train", "Pruning")
 
     if name == "bn_scale":
         return tp.importance.BNScaleImportance(normalizer=normalizer)
@@ -186,7 +191,7 @@ def _narrow_layer_ratios(model: Classifier, ratio: float, recipe: PruneRecipe,
 
 
 def _pruner(model: Classifier, recipe: PruneRecipe, ratio: float, global_pruning: bool) -> Any:
-    import torch_pruning as tp
+    tp = lazy_import("torch_pruning", "train", "Pruning")
 
     heads = _attention_heads(model)
     with warnings.catch_warnings():
@@ -254,7 +259,7 @@ def prune_classifier(
             recipe = replace(recipe, effective_ratio=round(effective, 4))
             pruner = _pruner(pruned, recipe, recipe.effective_ratio or 0.0, global_pruning=True)
         pruner.step()
-    except PruningError:
+    except (PruningError, MissingDependencyError):
         raise
     except Exception as error:  # Torch-Pruning fails in many ways on graphs it cannot map; say so plainly
         raise PruningError(f"Torch-Pruning could not prune {model.backbone} ({type(error).__name__}: "
@@ -282,7 +287,7 @@ def pruning_record(model: Classifier) -> dict[str, Any]:
 
 
 def _plain(idxs: list[Any]) -> list[int]:
-    from torch_pruning._helpers import to_plain_idxs
+    to_plain_idxs = lazy_import("torch_pruning._helpers", "train", "Pruning").to_plain_idxs
 
     return to_plain_idxs(idxs)
 
@@ -315,7 +320,7 @@ def load_pruned(path: str | Path) -> Classifier:
 
     The file is read with ``weights_only=True`` (tensors and plain data only), so loading it runs no code.
     """
-    import torch_pruning as tp
+    tp = lazy_import("torch_pruning", "train", "Pruning")
 
     from course_utils.vision.zoo import load
 
@@ -357,7 +362,7 @@ def coupled_layers(model: Classifier, layer: str) -> list[tuple[str, str]]:
 
     This is Torch-Pruning's dependency group: what must shrink together so the network stays consistent.
     """
-    import torch_pruning as tp
+    tp = lazy_import("torch_pruning", "train", "Pruning")
 
     traced = copy.deepcopy(model).eval()
     _attention_heads(traced)
@@ -375,7 +380,7 @@ def coupled_layers(model: Classifier, layer: str) -> list[tuple[str, str]]:
 
 def macs_and_params(model: Classifier) -> tuple[int, int]:
     """Multiply-accumulates of one image's forward pass, and the parameter count (Torch-Pruning's counter)."""
-    import torch_pruning as tp
+    tp = lazy_import("torch_pruning", "train", "Counting MACs")
 
     macs, params = tp.utils.count_ops_and_params(model, example_input(model))
     return int(macs), int(params)
@@ -419,8 +424,6 @@ class PrunedRun:
 
 def _run_key(model: Classifier, dataset: ImageFolderDataset, config: CourseConfig,
              request: dict[str, Any]) -> str:
-    from course_utils.core.environment import package_version
-
     settings = {"model": fingerprint(model), "request": request, "importance": config.prune.importance,
                 "granularity": config.prune.granularity, "min_channels": config.prune.min_channels,
                 "retrain": retrain_config(config).train.model_dump(),
@@ -456,12 +459,13 @@ def prune_and_retrain(model: Classifier, dataset: ImageFolderDataset, config: Co
         write_json_atomic(result_file, accuracy)
     macs, params = macs_and_params(pruned)
     size, threads = pruned.preprocessing.input_size, config.benchmark.threads
+    runs_timed = {"warmup": config.benchmark.warmup, "iterations": config.benchmark.iterations}
     recipe = pruning_record(pruned)["recipe"]
     return PrunedRun(
         ratio=ratio, threshold=threshold, effective_ratio=recipe["effective_ratio"], params=params, macs=macs,
         file_mb=round(model_file.stat().st_size / 2**20, 2),
-        latency_ms_b1=round(cpu_latency_ms(pruned, size, batch=1, threads=threads), 2),
-        latency_ms_b8=round(cpu_latency_ms(pruned, size, batch=8, threads=threads), 2),
+        latency_ms_b1=round(cpu_latency_ms(pruned, size, batch=1, threads=threads, **runs_timed), 2),
+        latency_ms_b8=round(cpu_latency_ms(pruned, size, batch=8, threads=threads, **runs_timed), 2),
         val_top1_before_retrain=accuracy["before"], val_top1_after_retrain=accuracy["after"],
         retrain_seconds=accuracy["seconds"], model_path=str(model_file),
     )
@@ -527,6 +531,17 @@ def _sweep_entry(run: PrunedRun) -> dict[str, Any]:
             "val_top1_after_retrain": run.val_top1_after_retrain}
 
 
+def meets_target(macs_reduction: float, top1_drop: float, config: CourseConfig) -> bool:
+    """Whether a pruned model earns its place: enough MACs removed, little enough top-1 lost (``prune`` targets)."""
+    return macs_reduction >= config.prune.target_macs_reduction and top1_drop <= config.prune.max_top1_drop
+
+
+def target_words(config: CourseConfig) -> str:
+    """The pruning target in words, for the ledger and the notebook."""
+    return (f"≥ {config.prune.target_macs_reduction:.0%} fewer MACs within {config.prune.max_top1_drop * 100:g} "
+            "point(s) of the unpruned top-1")
+
+
 def stage_metrics(unpruned: PrunedRun, kept: PrunedRun, runs: list[PrunedRun], model_path: Path,
                   config: CourseConfig) -> dict[str, Any]:
     """What the ledger records under ``prune``: the kept model against the unpruned one, plus the sweep."""
@@ -542,7 +557,7 @@ def stage_metrics(unpruned: PrunedRun, kept: PrunedRun, runs: list[PrunedRun], m
         "val_top1_unpruned": unpruned.val_top1_before_retrain,
         "val_top1_before_retrain": kept.val_top1_before_retrain,
         "val_top1_after_retrain": kept.val_top1_after_retrain,
-        "meets_target": bool(reduction >= 0.4 and drop <= 0.01),
+        "meets_target": meets_target(reduction, drop, config),
         "latency_ms_b1_before": unpruned.latency_ms_b1, "latency_ms_b1_after": kept.latency_ms_b1,
         "latency_ms_b8_before": unpruned.latency_ms_b8, "latency_ms_b8_after": kept.latency_ms_b8,
         "model_path": str(model_path.relative_to(config.workspace)),
@@ -550,16 +565,39 @@ def stage_metrics(unpruned: PrunedRun, kept: PrunedRun, runs: list[PrunedRun], m
     }
 
 
-def run_stage(config: CourseConfig) -> dict[str, Any]:
-    """The whole stage as notebook 03 runs it: sweep, keep the configured pruning, record it in the ledger."""
-    from course_utils.core.ledger import Ledger
-    from course_utils.vision.data import resolve_dataset
-    from course_utils.vision.finetune import course_model
+@dataclass
+class PruneResult:
+    """The pruning stage's outcome: the sweep, the unpruned and kept runs, the record and which model ships."""
 
-    model, dataset = course_model(config), resolve_dataset(config)
+    runs: list[PrunedRun]
+    unpruned: PrunedRun
+    kept: PrunedRun
+    record: PruneRecord
+    deployed: DeployedModel
+
+
+def run(config: CourseConfig, dataset: ImageFolderDataset | None = None) -> PruneResult:
+    """The pruning stage: sweep, keep the configured pruning as ``models/pruned.pt``, record it, decide what ships.
+
+    Notebook 03 and ``python -m course_utils prune`` call this; every pruned run is cached, so after the
+    notebook's own sweep it returns at once. Needs the fine-tuning stage's record (else it says to run it).
+    """
+    from course_utils.core.artifacts import FileRef, FinetuneRecord, PruneRecord
+    from course_utils.core.ledger import Ledger, deployed_model
+    from course_utils.vision.data import resolve_dataset
+    from course_utils.vision.zoo import load_classifier
+
+    ledger = Ledger(config.workspace)
+    finetuned = ledger.require(FinetuneRecord)
+    model, dataset = load_classifier(finetuned.checkpoint.resolve(config.workspace)), dataset or resolve_dataset(config)
     runs = sweep(model, dataset, config)
     unpruned = prune_and_retrain(model, dataset, config, ratio=0.0)
     kept = kept_run(model, dataset, config)
-    metrics = stage_metrics(unpruned, kept, runs, keep(kept, config), config)
-    Ledger(config.workspace).record("prune", metrics, replace=True)
-    return metrics
+    path = keep(kept, config)
+    metrics = stage_metrics(unpruned, kept, runs, path, config)
+    record = ledger.save(PruneRecord(
+        model=FileRef.of(path, config.workspace), meets_target=metrics.pop("meets_target"),
+        target=target_words(config), made_from={"finetuned": finetuned.checkpoint.sha256},
+        settings={"prune": config.prune.model_dump()}, tools={"torch_pruning": package_version("torch_pruning")},
+        metrics={k: v for k, v in metrics.items() if k != "model_path"}))
+    return PruneResult(runs, unpruned, kept, record, deployed_model(ledger))

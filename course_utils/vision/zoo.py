@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from course_utils.core.downloads import DownloadError, RemoteFile, cached_path, fetch, sha256_file
+from course_utils.core.errors import CourseError
+from course_utils.core.lazy import lazy_import
 from course_utils.vision.compat import (
     import_mmpretrain,
     init_random_weights,
@@ -34,14 +36,11 @@ TFLITE_MEAN = (127.0, 127.0, 127.0)  # EfficientNet-Lite was trained on (x - 127
 TFLITE_STD = (128.0, 128.0, 128.0)
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(CourseError, KeyError):
     """A model name that is not in the registry; the message suggests the closest names."""
 
-    def __str__(self) -> str:
-        return str(self.args[0])
 
-
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(CourseError, RuntimeError):
     """No pretrained weights could be had and random initialisation was not opted into."""
 
 
@@ -410,7 +409,7 @@ def load_classifier(path: Path) -> Classifier:
 
 def count_params_and_macs(model: nn.Module, input_size: int) -> tuple[int, int]:
     """Parameters and multiply-accumulates of one forward pass at batch 1 (Torch-Pruning's counter)."""
-    import torch_pruning as tp
+    tp = lazy_import("torch_pruning", "train", "Counting MACs")
 
     was_training = model.training
     macs, params = tp.utils.count_ops_and_params(model.eval(), torch.randn(1, 3, input_size, input_size))
@@ -418,16 +417,22 @@ def count_params_and_macs(model: nn.Module, input_size: int) -> tuple[int, int]:
     return int(params), int(macs)
 
 
-def cpu_latency_ms(model: nn.Module, input_size: int, batch: int = 1, threads: int = 1, min_seconds: float = 0.5) -> float:
-    """Median CPU latency of one forward pass, measured with ``torch.utils.benchmark`` (warm-up included)."""
-    from torch.utils import benchmark
+def cpu_latency_ms(model: nn.Module, input_size: int, batch: int = 1, threads: int = 1, warmup: int = 3,
+                   iterations: int = 20) -> float:
+    """p50 CPU latency (ms) of one forward pass, timed by the course's one timer over a ``TorchRunner``.
 
-    images = torch.randn(batch, 3, input_size, input_size)
-    timer = benchmark.Timer(stmt="model(images)", globals={"model": model.eval(), "images": images},
-                            num_threads=threads)
-    with torch.inference_mode():
-        model(images)
-        return timer.blocked_autorange(min_run_time=min_seconds).median * 1000
+    ``course_utils.core.timing.measure_latency`` times every stage alike; ``warmup`` and ``iterations``
+    default to the spec's ``benchmark`` defaults (pass the config's). PyTorch's thread count is restored.
+    """
+    from course_utils.core.timing import measure_latency
+    from course_utils.vision.inference import TorchRunner
+
+    previous = torch.get_num_threads()
+    try:
+        with TorchRunner(model, threads=threads) as runner:
+            return measure_latency(runner, batch, input_size, warmup, iterations).p50_ms
+    finally:
+        torch.set_num_threads(previous)
 
 
 def profile(name: str, threads: int = 1) -> dict[str, Any]:
