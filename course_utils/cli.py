@@ -48,6 +48,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     dataset = resolve_dataset(_config(args))
     print(json.dumps(dataset.summary(), indent=2))
+    for converted in dataset.converted:
+        print(f"converted {converted.path}: {converted.conversion}", file=sys.stderr)
     for skipped in dataset.skipped:
         print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
     return 0
@@ -171,7 +173,6 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
 
 def cmd_story(args: argparse.Namespace) -> int:
-    from course_utils.genai.llm import LLMEndpointError
     from course_utils.genai.story import StoryOptions, storyteller
     from course_utils.genai.story_rails import (
         evaluate_rails,
@@ -181,21 +182,17 @@ def cmd_story(args: argparse.Namespace) -> int:
     )
 
     config = _config(args)
-    try:
-        if args.redteam:
-            teller = storyteller(config, args.rails)
-            items = load_redteam(sample=config.llm.redteam_sample)
-            results = [evaluate_rails(name, items, teller.endpoint) for name in rail_configurations()]
-            print(redteam_markdown(results))
-            return 0
-        options = StoryOptions(args.style, args.theme, args.length, args.language, args.instruction)
-        stream = storyteller(config, args.rails).stream(args.labels, options)
-        for chunk in stream:
-            print(chunk, end="", flush=True)
-        result = stream.result
-    except (LLMEndpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.redteam:
+        teller = storyteller(config, args.rails)
+        items = load_redteam(sample=config.llm.redteam_sample)
+        results = [evaluate_rails(name, items, teller.endpoint) for name in rail_configurations()]
+        print(redteam_markdown(results))
+        return 0
+    options = StoryOptions(args.style, args.theme, args.length, args.language, args.instruction)
+    stream = storyteller(config, args.rails).stream(args.labels, options)
+    for chunk in stream:
+        print(chunk, end="", flush=True)
+    result = stream.result
     if result is None or result.blocked:
         print(f"\n[blocked by {result.blocked_by if result else '?'}] {result.message if result else ''}")
         return 3
@@ -207,25 +204,17 @@ def cmd_story(args: argparse.Namespace) -> int:
 def cmd_speak(args: argparse.Namespace) -> int:
     import shutil
 
-    from course_utils.genai.speech import SpeechError, speak
+    from course_utils.genai.speech import speak
 
-    try:
-        path = speak(args.text, _config(args))
-    except SpeechError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    path = speak(args.text, _config(args))
     print(shutil.copyfile(path, args.out) if args.out else path)
     return 0
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from course_utils.genai.speech import SpeechError, transcribe
+    from course_utils.genai.speech import transcribe
 
-    try:
-        transcript = transcribe(args.audio, _config(args))
-    except SpeechError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    transcript = transcribe(args.audio, _config(args))
     for note in transcript.notes:
         print(f"note: {note}", file=sys.stderr)
     print(transcript.text)

@@ -116,3 +116,12 @@ def test_the_course_errors_are_course_errors_and_keep_their_builtin_base() -> No
         error = error_class("Set x to y.")
         assert isinstance(error, CourseError) and isinstance(error, builtin), error_class
         assert str(error) == "Set x to y.", error_class
+
+
+def test_a_stage_without_its_upstream_names_the_notebook_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COURSE_WORKSPACE", str(tmp_path / "workspace"))
+    assert cli.main(["export", "--spec", "smoke"]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: No finetune artifacts") and "notebook 02" in line
+    assert not (tmp_path / "workspace" / "train").exists()  # nothing was trained on the way

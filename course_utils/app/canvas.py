@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from course_utils.core.config import CourseConfig
+from course_utils.core.errors import CourseError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -254,13 +255,6 @@ class Task:
 
 def explain(error: BaseException) -> str:
     """The message the app shows for an error: the course's own errors say how to fix them."""
-    from course_utils.core.config import ConfigError
-    from course_utils.deploy.runtimes import RuntimeUnavailableError
-    from course_utils.genai.imagegen import ImageGenError
-    from course_utils.genai.llm import LLMEndpointError
-
-    known = (AppError, Cancelled, ImageGenError, LLMEndpointError, RuntimeUnavailableError, ConfigError)
-    # zoo's error is matched by name: importing zoo loads PyTorch, too much to format a message.
-    if isinstance(error, known) or type(error).__name__ == "WeightsUnavailableError":
+    if isinstance(error, (CourseError, Cancelled)):
         return str(error)
     return f"{type(error).__name__}: {error} (details in the app log)."

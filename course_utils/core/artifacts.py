@@ -210,6 +210,7 @@ class OnnxRecord(StageRecord):
     raw: FileRef
     optimized: FileRef
     source: Literal["finetuned", "pruned", "given"]
+    reason: str = ""  # why this model ships (``DeployedModel.reason`` when it was exported)
     backbone: str
     input_name: str
     output_name: str

@@ -235,30 +235,30 @@ def compare_thread_counts(counts: tuple[int, ...] | None = None, repeats: int = 
     On a busy 2-core machine one thread is often faster than two: measure before choosing.
     The previous thread setting is restored afterwards.
     """
-    import statistics
-    import time
-
+    import numpy as np
     import torch
+
+    from course_utils.core.timing import Runner, measure_latency
 
     counts = counts or tuple(range(1, (os.cpu_count() or 1) + 1))
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 32, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, stride=2),
         torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10),
     ).eval()
-    batch = torch.randn(4, 3, 160, 160)
+
+    class ToyNetRunner(Runner):  # core may not import the vision layer's TorchRunner; this is all it needs
+        runtime = "pytorch"
+
+        def run(self, images: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return net(torch.from_numpy(images)).numpy()
+
     previous = torch.get_num_threads()
     timings = {}
     try:
-        with torch.inference_mode():
-            for threads in counts:
-                torch.set_num_threads(threads)
-                net(batch)
-                samples = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    net(batch)
-                    samples.append((time.perf_counter() - start) * 1000)
-                timings[threads] = statistics.median(samples)
+        for threads in counts:
+            torch.set_num_threads(threads)
+            timings[threads] = measure_latency(ToyNetRunner(), 4, 160, warmup=1, iterations=repeats).p50_ms
     finally:
         torch.set_num_threads(previous)
     return timings

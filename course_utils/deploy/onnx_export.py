@@ -379,6 +379,7 @@ def run(config: CourseConfig, rebuild: bool = False) -> OnnxStageResult:
     record = Ledger(config.workspace).save(OnnxRecord(
         raw=FileRef.of(artifacts.raw_path, config.workspace),
         optimized=FileRef.of(artifacts.optimized_path, config.workspace), source=deployed.kind,
+        reason=deployed.reason,
         backbone=artifacts.backbone, input_name=artifacts.input_name, output_name=artifacts.output_name,
         input_size=artifacts.input_size, made_from={"model": deployed.sha256},
         settings={"export": config.export.model_dump()}, tools=tool_versions(),

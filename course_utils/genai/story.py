@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from course_utils.core.config import CourseConfig
+from course_utils.core.errors import CourseError
 from course_utils.genai.llm import Endpoint, endpoint, endpoint_errors, make_client
 from course_utils.genai.story_rails import (
     LABEL_SCREEN,
@@ -50,6 +51,10 @@ IMAGE_PROMPT_WORDS = 40
 IMAGE_PROMPT_TOKENS = 40
 
 
+class StoryError(CourseError, ValueError):
+    """A story request the course cannot serve (an unknown style, a blocked story to continue); says what to do."""
+
+
 @dataclass(frozen=True)
 class StoryOptions:
     """What the learner chooses: style, theme, length, language ("en" or "zh") and a free instruction."""
@@ -59,6 +64,10 @@ class StoryOptions:
     length: str = "short"
     language: str = "en"
     instruction: str = ""
+
+
+class StoryError(CourseError, ValueError):
+    """A story request the course cannot serve (an unknown style, a blocked story to continue); says what to do."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,7 @@ class Catalog:
                                    ("length", options.length, self.lengths),
                                    ("language", options.language, self.languages)):
             if value not in known:
-                raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(known)} "
+                raise StoryError(f"Unknown {name} {value!r}: choose one of {', '.join(known)} "
                                  f"(or add it to {CATALOG_FILE.name}).")
         return options
 
@@ -154,6 +163,10 @@ def clean_image_prompt(raw: str, labels: list[str], style: str, catalog: Catalog
 
 
 # --- Results -----------------------------------------------------------------------------------------------
+
+
+class StoryError(CourseError, ValueError):
+    """A story request the course cannot serve (an unknown style, a blocked story to continue); says what to do."""
 
 
 @dataclass
@@ -323,7 +336,7 @@ class StoryTeller:
     def continue_story(self, previous: StoryResult, instruction: str = "") -> StoryResult:
         """The next part of ``previous`` (the new instruction goes through the same rails)."""
         if previous.blocked:
-            raise ValueError("A blocked story cannot be continued: generate a new one.")
+            raise StoryError("A blocked story cannot be continued: generate a new one.")
         return self._complete(continue_messages(previous, instruction), previous.labels, previous.dropped_labels,
                               previous.options, time.perf_counter())
 
@@ -501,6 +514,10 @@ def labels_from_predictions(predictions: list[list[tuple[str, float]]], k: int =
 
 
 # --- Measurements ------------------------------------------------------------------------------------------
+
+
+class StoryError(CourseError, ValueError):
+    """A story request the course cannot serve (an unknown style, a blocked story to continue); says what to do."""
 
 
 @dataclass

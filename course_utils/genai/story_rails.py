@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from course_utils.core.config import REPO_ROOT
+from course_utils.core.config import REPO_ROOT, ConfigError
 from course_utils.genai.llm import Endpoint, LLMEndpointError, endpoint_errors, make_client
 
 RAILS_DIR = REPO_ROOT / "data" / "story_rails"
@@ -465,7 +465,7 @@ def rail_configuration(name: str) -> RailConfiguration:
     """One configuration by name; an unknown name lists the known ones."""
     configurations = rail_configurations()
     if name not in configurations:
-        raise ValueError(f"Unknown rail configuration {name!r}: choose one of {', '.join(configurations)} "
+        raise ConfigError(f"Unknown rail configuration {name!r}: choose one of {', '.join(configurations)} "
                          "(llm.rails in the spec).")
     return configurations[name]
 

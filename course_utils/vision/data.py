@@ -152,9 +152,10 @@ def verify_manifest(manifest: Path, base: Path) -> int:
 
 def _sixteen_bit_colour(image: Image.Image) -> bool:
     """True for a 16-bit-per-channel colour file, which Pillow reads as 8-bit RGB/RGBA (before ``load()``)."""
-    if image.mode not in {"RGB", "RGBA"} or not image.tile:
+    tile = getattr(image, "tile", None)  # files only (ImageFile), emptied by load()
+    if image.mode not in {"RGB", "RGBA"} or not tile:
         return False
-    args = image.tile[0][3]
+    args = tile[0][3]
     rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
     return ";16" in str(rawmode)
 
@@ -174,7 +175,7 @@ def inspect_image(path: Path) -> tuple[str | None, str | None]:
                                                                  if mode == "RGBA" else "")
             image.draft("RGB", (64, 64))
             image.load()
-            if mode == "I" and not (0 <= min(image.getextrema()) and max(image.getextrema()) <= 65535):
+            if mode == "I" and not 0 <= np.asarray(image).min() <= np.asarray(image).max() <= 65535:
                 return "32-bit integer pixels outside 0..65535 (save it as 8- or 16-bit)", None
     except UnidentifiedImageError:
         return "not an image PIL can read", None

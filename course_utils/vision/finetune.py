@@ -324,8 +324,9 @@ def run(config: CourseConfig, dataset: ImageFolderDataset | None = None, pretrai
     from course_utils.core.artifacts import FileRef, FinetuneRecord
     from course_utils.core.ledger import Ledger
     from course_utils.vision.data import resolve_dataset
-    from course_utils.vision.zoo import save_classifier
+    from course_utils.vision.zoo import entry, save_classifier
 
+    entry(config.model.backbone)  # an unknown model name fails here, before any data is read
     dataset = dataset or resolve_dataset(config)
     model, training, evaluation = train_classifier(config, dataset, pretrained=pretrained)
     saved = save_classifier(model, models_dir(config) / "finetuned.pt")
