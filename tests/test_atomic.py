@@ -28,15 +28,13 @@ def test_a_failure_keeps_the_old_folder_and_removes_the_temporary_one(tmp_path: 
     target = tmp_path / "built"
     target.mkdir()
     (target / "data.txt").write_text("old")
-    with pytest.raises(RuntimeError, match="half way"):
-        with atomic_directory(target) as tmp:
-            (tmp / "data.txt").write_text("half")
-            raise RuntimeError("half way")
+    with pytest.raises(RuntimeError, match="half way"), atomic_directory(target) as tmp:
+        (tmp / "data.txt").write_text("half")
+        raise RuntimeError("half way")
     assert (target / "data.txt").read_text() == "old"
     assert _siblings(target) == ["built"]
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_directory(tmp_path / "never") as tmp:
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_directory(tmp_path / "never"):
+        raise KeyboardInterrupt
     assert _siblings(target) == ["built"]
 
 
