@@ -6,8 +6,6 @@ about which file was made from which, by hash, so no model needs to be trained.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from course_utils.app import catalog

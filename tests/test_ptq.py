@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from course_utils.core.artifacts import PtqRecord
 from course_utils.core.config import CourseConfig, load_config
 from course_utils.core.downloads import sha256_file
-from course_utils.core.artifacts import PtqRecord
 from course_utils.core.ledger import Ledger, LedgerError
 from course_utils.deploy import ptq
 from course_utils.deploy.calibration import CalibrationSet

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from course_utils.core import timing
-from course_utils.core.config import CourseConfig, load_config
 from course_utils.core.artifacts import BenchmarkRecord
+from course_utils.core.config import CourseConfig, load_config
 from course_utils.core.ledger import Ledger
 from course_utils.core.timing import Latency, Runner, RuntimeUnavailableError
 from course_utils.deploy import runtimes as rt

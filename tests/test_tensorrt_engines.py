@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from course_utils.core.config import CourseConfig, load_config
 from course_utils.core.artifacts import FileRef, PtqRecord
+from course_utils.core.config import CourseConfig, load_config
 from course_utils.core.ledger import Ledger
 from course_utils.deploy import tensorrt_engines as te
 from course_utils.deploy.tensorrt_engines import (

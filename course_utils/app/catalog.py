@@ -15,9 +15,9 @@ from course_utils.core.config import CourseConfig
 from course_utils.core.errors import CourseError
 
 if TYPE_CHECKING:
-    from course_utils.core.artifacts import OnnxRecord
     from PIL.Image import Image
 
+    from course_utils.core.artifacts import OnnxRecord
     from course_utils.core.timing import Runner
 
 LOG = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from pathlib import Path
 from course_utils.app.canvas import explain
 from course_utils.app.catalog import model_choices, model_list_cached
 from course_utils.core.artifacts import FinetuneRecord, MissingArtifactError, PtqRecord, StaleArtifactError
-from course_utils.core.ledger import Ledger
 from course_utils.core.config import CourseConfig
+from course_utils.core.ledger import Ledger
 
 LOG = logging.getLogger(__name__)
 

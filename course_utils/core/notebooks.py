@@ -10,8 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from course_utils.core.config import REPO_ROOT, CourseConfig
 from course_utils.core.artifacts import CourseRunRecord
+from course_utils.core.config import REPO_ROOT, CourseConfig
 from course_utils.core.ledger import Ledger
 from course_utils.core.report import write_report
 

@@ -31,8 +31,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from course_utils.core.atomic import atomic_path
 from course_utils.core.artifacts import PtqRecord
+from course_utils.core.atomic import atomic_path
 from course_utils.core.config import CourseConfig, QuantConfig
 from course_utils.core.environment import package_version
 from course_utils.core.errors import CourseError

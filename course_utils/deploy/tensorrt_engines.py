@@ -34,9 +34,9 @@ from course_utils.core.lazy import lazy_import
 from course_utils.core.sealed_cache import CacheState, cache_state, discard_unless_valid, seal, sidecar
 
 if TYPE_CHECKING:
-    from course_utils.core.artifacts import EnginesRecord
     import tensorrt
 
+    from course_utils.core.artifacts import EnginesRecord
     from course_utils.deploy.calibration import CalibrationCacheKey, CalibrationSet
     from course_utils.vision.data import ImageFolderDataset
 

@@ -66,10 +66,6 @@ class StoryOptions:
     instruction: str = ""
 
 
-class StoryError(CourseError, ValueError):
-    """A story request the course cannot serve (an unknown style, a blocked story to continue); says what to do."""
-
-
 @dataclass(frozen=True)
 class Catalog:
     """Styles, themes, lengths, languages and prompt templates (``data/story/catalog.yaml``)."""
@@ -163,10 +159,6 @@ def clean_image_prompt(raw: str, labels: list[str], style: str, catalog: Catalog
 
 
 # --- Results -----------------------------------------------------------------------------------------------
-
-
-class StoryError(CourseError, ValueError):
-    """A story request the course cannot serve (an unknown style, a blocked story to continue); says what to do."""
 
 
 @dataclass
@@ -514,10 +506,6 @@ def labels_from_predictions(predictions: list[list[tuple[str, float]]], k: int =
 
 
 # --- Measurements ------------------------------------------------------------------------------------------
-
-
-class StoryError(CourseError, ValueError):
-    """A story request the course cannot serve (an unknown style, a blocked story to continue); says what to do."""
 
 
 @dataclass

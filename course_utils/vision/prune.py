@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from course_utils.core.artifacts import DeployedModel, PruneRecord
-
     from course_utils.vision.data import ImageFolderDataset
     from course_utils.vision.finetune import Sample
 
