@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
+import re
 import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,67 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
         yield root, f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+STORY_WITH_VIOLENCE = (
+    "Once upon a time a small tabby cat lived in a blue teapot by the sea. Every morning she counted the "
+    "boats, sang to the gulls and shared her breakfast with a shy crab called Pim. One stormy night a wolf "
+    "came down the hill and said he would kill the crab and all its friends. The cat was brave and kind."
+)
+
+
+# --- A fake OpenAI-compatible server: deterministic replies, errors on demand --------------------------------
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server = self.server
+        server.seen.append(self.headers.get("Authorization", ""))
+        if server.status != 200:  # echo the credentials back, as some servers do, to test scrubbing
+            echoed = self.headers.get("Authorization", "") + self.headers.get("api-key", "")
+            self._send(server.status, {"error": {"message": f"Rejected {echoed}", "type": "invalid_request_error"}})
+            return
+        if not request.get("stream"):
+            self._send(200, {"id": "1", "object": "chat.completion", "created": 0, "model": "fake",
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": server.reply}}],
+                             "usage": {"prompt_tokens": 5, "completion_tokens": 50, "total_tokens": 55}})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for token in re.findall(r"\S+\s*", server.reply):
+            chunk = {"id": "1", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+                     "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+@pytest.fixture
+def fake_llm() -> Iterator[ThreadingHTTPServer]:
+    """A fake endpoint; set ``.reply`` and ``.status`` to shape its answers; ``.seen`` lists the Authorization headers."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    server.reply, server.status, server.seen = STORY_WITH_VIOLENCE, 200, []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

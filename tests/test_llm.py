@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,52 +14,20 @@ from course_utils.genai.llm import LOCAL_API_KEY, LLMEndpointError, check_endpoi
 SECRET = "sk-test-SECRET-0123456789abcdef"
 
 
-class _KeylessServer(BaseHTTPRequestHandler):
-    """An OpenAI-compatible server like llama.cpp or vLLM started without ``--api-key`` (or with one: 401)."""
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.seen.append(self.headers.get("Authorization", ""))  # type: ignore[attr-defined]
-        status = self.server.status  # type: ignore[attr-defined]
-        payload = ({"id": "1", "object": "chat.completion", "created": 0, "model": "m",
-                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi"}}]}
-                   if status == 200 else {"error": {"message": "Missing API key", "type": "invalid_request_error"}})
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-@pytest.fixture
-def keyless_server() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _KeylessServer)
-    server.status, server.seen = 200, []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 def _with_llm(config: CourseConfig, **llm: object) -> CourseConfig:
     return config.model_copy(update={"llm": config.llm.model_copy(update=llm)})
 
 
 def test_custom_server_without_a_key_gets_a_client(config: CourseConfig, tmp_path: Path,
-                                                   keyless_server: ThreadingHTTPServer) -> None:
-    url = f"http://127.0.0.1:{keyless_server.server_address[1]}/v1"
+                                                   fake_llm: ThreadingHTTPServer) -> None:
+    url = f"http://127.0.0.1:{fake_llm.server_address[1]}/v1"
     custom = _with_llm(config, provider="custom", base_url=url, model="m", api_key_env="NO_SUCH_KEY")
     ep = endpoint(custom, environ={}, secrets_file=tmp_path / "none.env")
     assert ep.provider == "custom" and ep.base_url == url and ep.keyless
     assert "<not needed>" in repr(ep) and LOCAL_API_KEY not in repr(ep) + ep.describe()
     assert make_client(ep).base_url is not None
     assert check_endpoint(ep) >= 0  # the client really talks to the keyless server
-    assert len(keyless_server.seen) == 1  # type: ignore[attr-defined]
+    assert len(fake_llm.seen) == 1  # type: ignore[attr-defined]
 
 
 def test_custom_server_uses_a_key_when_there_is_one(config: CourseConfig, tmp_path: Path) -> None:
@@ -73,9 +38,9 @@ def test_custom_server_uses_a_key_when_there_is_one(config: CourseConfig, tmp_pa
 
 
 def test_keyless_custom_server_that_wants_a_key_names_the_variable(config: CourseConfig, tmp_path: Path,
-                                                                   keyless_server: ThreadingHTTPServer) -> None:
-    keyless_server.status = 401  # type: ignore[attr-defined]
-    url = f"http://127.0.0.1:{keyless_server.server_address[1]}/v1"
+                                                                   fake_llm: ThreadingHTTPServer) -> None:
+    fake_llm.status = 401  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{fake_llm.server_address[1]}/v1"
     custom = _with_llm(config, provider="custom", base_url=url, api_key_env="VLLM_KEY", max_retries=0)
     with pytest.raises(LLMEndpointError, match="wants an API key.*VLLM_KEY.*llm.api_key_env") as error:
         check_endpoint(endpoint(custom, environ={}, secrets_file=tmp_path / "none.env"))
