@@ -23,7 +23,11 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value (for example train.epochs_head=1), got {pair!r}.")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({' '.join(str(error).split())}); "
+                              "quote strings, e.g. --set 'llm.model=\"name:tag\"'.") from None
     return overrides
 
 
@@ -58,7 +62,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_run_all(args: argparse.Namespace) -> int:
     from course_utils.core.notebooks import run_all
 
-    run_all(_config(args), only=args.only)
+    overrides = _parse_sets(args.set)  # every notebook gets them as OVERRIDES, as this config does
+    run_all(load_config(args.spec, overrides), only=args.only, overrides=overrides)
     return 0
 
 
@@ -106,13 +111,13 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     from course_utils.deploy import tensorrt_engines as te
 
     stage = te.run(_config(args), plan_for=args.plan_for)
-    if not stage.built_here and not args.plan_for:
-        print(f"TensorRT is not installed here: this is the plan for TensorRT {stage.target} on {stage.gpu.name}.\n")
+    if stage.not_built_because:
+        print(f"No engine built ({stage.not_built_because}): the plan for TensorRT {stage.target} on {stage.gpu.name}.\n")
     print(te.build_route(stage.target).explain() + "\n")
     print(te.plans_text(stage.plans))
-    if stage.built_here:
+    if stage.builds:
         print(json.dumps(stage.record.metrics, indent=2))
-    return 0 if stage.built_here or args.plan_for else 1
+    return 0 if stage.built or args.plan_for else 1
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -168,7 +173,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_qat(args: argparse.Namespace) -> int:
     from course_utils.deploy import qat
 
-    print(json.dumps(qat.run(_config(args)).ledger(), indent=2))
+    print(json.dumps(qat.run(_config(args)).metrics(), indent=2))
     return 0
 
 
@@ -289,10 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from course_utils.core.errors import CourseError
+    from course_utils.core.lazy import as_missing_dependency
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except ModuleNotFoundError as missing:  # an optional stack not installed: name its extra
+            raise as_missing_dependency(missing) or missing
     except CourseError as error:  # a problem the user can fix: its message alone (any other error is a bug)
         if args.debug:
             raise

@@ -9,6 +9,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,19 @@ def test_uploads_are_limited_to_the_engines_batch_and_must_be_images() -> None:
         catalog.decode_uploads([("notes.txt", b"hello")], max_images=8)
     with pytest.raises(catalog.AppError, match="No image"):
         catalog.decode_uploads([], max_images=8)
+
+
+def test_a_16_bit_greyscale_upload_decodes_to_the_pixels_training_sees(tmp_path: Path) -> None:
+    from course_utils.vision.data import load_rgb
+
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)).save(path)
+    with Image.open(path) as saved:
+        assert saved.mode.startswith("I"), "the test needs a 16-bit greyscale PNG"
+    [(name, image)] = catalog.decode_uploads([("grey16.png", path.read_bytes())], max_images=8)
+    expected = np.asarray(load_rgb(path))
+    assert name == "grey16.png" and image.mode == "RGB" and np.array_equal(np.asarray(image), expected)
+    assert expected.min() == 0 and expected.max() == 255 and len(np.unique(expected)) == 256, "scaled, not clipped"
 
 
 def test_top_k_orders_probabilities_and_names_classes() -> None:

@@ -166,3 +166,46 @@ def test_stages_refuse_to_start_without_their_upstream(config: CourseConfig) -> 
     with pytest.raises(MissingArtifactError, match="notebook 02"):
         prune.run(config)
     assert not (config.workspace / "train").exists()
+
+
+def test_the_report_marks_sections_made_from_an_older_upstream(config: CourseConfig) -> None:
+    from course_utils.core.report import render_markdown
+
+    finetuned = _finetuned(config)
+    _onnx(config, finetuned.checkpoint.sha256)
+    assert "stale" not in render_markdown(Ledger(config.workspace))
+    _pruned(config, finetuned, meets_target=True)
+    markdown = render_markdown(Ledger(config.workspace))
+    onnx_section = markdown[markdown.index("04 · ONNX"):]
+    assert "⚠ stale" in onnx_section and "another model" in onnx_section and "notebook 04" in onnx_section
+
+
+def test_a_spec_that_changed_the_backbone_makes_the_fine_tuned_model_stale(config: CourseConfig) -> None:
+    _finetuned(config)
+    other = config.model_copy(update={"model": config.model.model_copy(update={"backbone": "mobilenet-v2"})})
+    assert deployed_model(Ledger(config.workspace), config).kind == "finetuned"
+    with pytest.raises(StaleArtifactError, match="spec asks for mobilenet-v2.*notebook 02"):
+        deployed_model(Ledger(config.workspace), other)
+
+
+def test_consumers_of_the_current_pipeline_check_the_upstream_themselves(config: CourseConfig) -> None:
+    """``require`` without ``made_from`` compares against what the ledger holds now."""
+    ledger = Ledger(config.workspace)
+    finetuned = _finetuned(config)
+    onnx = _onnx(config, finetuned.checkpoint.sha256)
+    _int8(config, onnx)
+    assert ledger.require(PtqRecord).made_from == {"onnx": onnx.optimized.sha256}
+    _onnx(config, finetuned.checkpoint.sha256, b"a new export")
+    with pytest.raises(StaleArtifactError, match="another onnx.*notebook 06"):
+        ledger.require(PtqRecord)
+    assert ledger.current(PtqRecord) is None
+
+
+def test_a_pruning_verdict_made_under_other_targets_asks_for_a_rerun(config: CourseConfig) -> None:
+    record = _pruned(config, _finetuned(config), meets_target=False)
+    record.settings = {"prune": config.prune.model_dump()}
+    Ledger(config.workspace).save(record)
+    assert deployed_model(Ledger(config.workspace), config).kind == "finetuned"
+    lenient = config.model_copy(update={"prune": config.prune.model_copy(update={"max_top1_drop": 0.2})})
+    with pytest.raises(StaleArtifactError, match="other targets.*notebook 03"):
+        deployed_model(Ledger(config.workspace), lenient)

@@ -90,7 +90,6 @@ def _error_classes() -> list[tuple[type[BaseException], type[BaseException]]]:
     from course_utils.deploy.graph_optimize import ParityError
     from course_utils.deploy.onnx_export import ExportError
     from course_utils.deploy.ptq import QuantizationError
-    from course_utils.deploy.qat import QatError
     from course_utils.deploy.runtimes import RuntimeUnavailableError
     from course_utils.deploy.tensorrt_engines import EngineBuildError
     from course_utils.genai.imagegen import BlockedStoryError, ImageGenError
@@ -104,7 +103,7 @@ def _error_classes() -> list[tuple[type[BaseException], type[BaseException]]]:
     return [(AppError, RuntimeError), (ConfigError, ValueError), (DownloadError, RuntimeError),
             (HashMismatchError, RuntimeError), (LedgerError, ValueError), (CalibrationError, ValueError),
             (ParityError, AssertionError), (ExportError, RuntimeError), (QuantizationError, RuntimeError),
-            (QatError, RuntimeError), (RuntimeUnavailableError, RuntimeError), (EngineBuildError, RuntimeError),
+            (RuntimeUnavailableError, RuntimeError), (EngineBuildError, RuntimeError),
             (ImageGenError, RuntimeError), (BlockedStoryError, RuntimeError), (LLMEndpointError, RuntimeError),
             (SpeechError, RuntimeError), (AudioError, ValueError), (UnsafeCheckpointError, RuntimeError),
             (DatasetError, ValueError), (DatasetIntegrityError, ValueError), (PruningError, ValueError),

@@ -78,6 +78,23 @@ def test_course_spec_picks_the_spec_and_an_explicit_spec_wins() -> None:
     assert load_config("default", environ={"COURSE_SPEC": "smoke"}).spec == "default"
 
 
+def test_a_spec_file_is_recorded_by_its_path_and_loads_again(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my.yaml").write_text("base: smoke\nexperiment: mine\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("my.yaml", environ={})  # relative to the current folder
+    assert config.spec == str(tmp_path.resolve() / "my.yaml") and not config.smoke
+    monkeypatch.chdir(REPO_ROOT)  # notebooks and the app's kernel load it from another folder
+    again = load_config(config.spec, environ={})
+    assert again.spec == config.spec and again.experiment == "mine" and again.train.epochs_head == 1
+    assert load_config(environ={"COURSE_SPEC": config.spec}).experiment == "mine"
+
+
+def test_a_shipped_spec_given_by_path_keeps_its_name() -> None:
+    config = load_config(REPO_ROOT / "data" / "specs" / "smoke.yaml", environ={})
+    assert config.spec == "smoke" and config.smoke
+
+
 def test_environment_values_json_lists_and_null() -> None:
     env = {"COURSE_ENGINE__PRECISIONS": '["fp32", "int8"]', "COURSE_IMAGEGEN__OFFLINE_FALLBACK": "null",
            "course_train__unfreeze": "all"}

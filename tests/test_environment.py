@@ -37,8 +37,13 @@ def test_not_a_jetson(tmp_path: Path) -> None:
     assert jetpack_for_l4t("99.1") == (None, None)
 
 
-def test_offline_switch_skips_the_probe() -> None:
-    assert check_online(environ={"COURSE_OFFLINE": "1"}) == (False, "COURSE_OFFLINE is set")
+def test_offline_switch_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("offline=True must not touch the network")
+
+    monkeypatch.setattr("course_utils.core.environment.socket.create_connection", no_network)
+    online, reason = check_online(offline=True)
+    assert online is False and reason is not None and "offline is set" in reason
 
 
 def test_a_placeholder_tensorrt_counts_as_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

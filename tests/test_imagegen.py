@@ -184,6 +184,6 @@ def test_the_round_trip_reports_survival_honestly(generator: imagegen.ImageGener
     trip = imagegen.round_trip(classifier, generation, "ants")
     assert trip.survived == (trip.predictions[0][0] == "ants") and trip.chance == 0.5
     assert "chance" in trip.verdict and "noise" in trip.verdict
-    metrics = imagegen.ledger_metrics(generation, generator, trip)
+    metrics = imagegen.stage_metrics(generation, generator, trip)
     assert {"model", "real_weights", "steps", "seconds_per_image", "size"} <= set(metrics)
     assert metrics["real_weights"] is False and metrics["size"] == 64

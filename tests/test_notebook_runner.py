@@ -4,8 +4,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_utils.core.config import CourseConfig
-from course_utils.core.notebooks import course_notebooks, run_all
+from course_utils.core.config import CourseConfig, load_config
+from course_utils.core.notebooks import NOTEBOOKS_DIR, course_notebooks, notebook_parameters, run_all
 
 
 def _notebook(path: Path, body: str) -> None:
@@ -23,16 +23,29 @@ def test_run_all_executes_in_order_and_writes_the_report(tmp_path: Path, config:
     folder.mkdir()
     monkeypatch.setenv("COURSE_WORKSPACE", str(config.workspace))
     record = ("from course_utils.core import artifacts\nfrom course_utils.core.config import load_config\n"
-              "from course_utils.core.ledger import Ledger\nc = load_config(SPEC)\n"
-              "Ledger(c.workspace).save(artifacts.{kind}(metrics={{'spec': SPEC, 'order': {order}}}))")
+              "from course_utils.core.ledger import Ledger\nc = load_config(SPEC, OVERRIDES)\n"
+              "Ledger(c.workspace).save(artifacts.{kind}(metrics={{'spec': SPEC, 'order': {order}, "
+              "'seed': c.seed}}))")
     _notebook(folder / "01_second.ipynb", record.format(kind="ZooRecord", order=2))
     _notebook(folder / "00_first.ipynb", record.format(kind="EnvironmentRecord", order=1))
     _notebook(folder / "notes.ipynb", "raise RuntimeError('not a course notebook')")
     assert [p.name for p in course_notebooks(folder)] == ["00_first.ipynb", "01_second.ipynb"]
-    run_dir = run_all(config, folder=folder)
+    run_dir = run_all(config, folder=folder, overrides={"seed": 7})
     assert sorted(p.name for p in run_dir.glob("*.ipynb")) == ["00_first.ipynb", "01_second.ipynb"]
     results = json.loads((config.workspace / "results.json").read_text())
     assert results["zoo"]["metrics"]["spec"] == "smoke"
+    assert results["zoo"]["metrics"]["seed"] == 7, "run-all hands its overrides to every notebook"
     assert set(results["course"]["metrics"]["notebooks"]) == {"00_first", "01_second"}
     report = (run_dir / "report.md").read_text()
     assert report.index("00 · Machine") < report.index("01 · Pretrained") and (run_dir / "report.html").exists()
+
+
+def test_a_spec_file_survives_the_trip_to_the_notebooks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my.yaml").write_text("base: smoke\nexperiment: mine\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("my.yaml", {"seed": 5}, environ={})
+    parameters = notebook_parameters(config, {"seed": 5})
+    monkeypatch.chdir(NOTEBOOKS_DIR)  # where papermill runs the notebooks
+    again = load_config(parameters["SPEC"], parameters["OVERRIDES"], environ={})
+    assert (again.spec, again.experiment, again.seed) == (config.spec, "mine", 5)
+    assert again.model_dump() == config.model_dump()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from course_utils.core.config import CourseConfig
 from course_utils.lessons import exercises
 from course_utils.lessons.checks import ExerciseFailed
 from course_utils.vision import prune, zoo
@@ -196,3 +197,35 @@ def test_narrow_layers_keep_min_channels(cnn: zoo.Classifier) -> None:
     assert kept["net.blocks.0.0.conv_pw"] == 16 and kept["net.blocks.1.0.conv_pwl"] == 16
     halved = prune.layer_widths(prune.prune_classifier(cnn, ratio=0.5, min_channels=8))
     assert halved["net.blocks.0.0.conv_pw"] == 8 and halved["net.blocks.1.0.conv_pwl"] == 8
+
+
+def test_prune_and_retrain_measures_once_per_benchmark_settings(cnn: zoo.Classifier, config: CourseConfig,
+                                                                tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from course_utils.vision.data import ImageFolderDataset
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for index in range(3):
+        path = tmp_path / f"{index}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        samples.append((path, index))
+    dataset = ImageFolderDataset(tmp_path, "tiny", "test", CLASSES, {"train": samples, "val": samples})
+    first = prune.prune_and_retrain(cnn, dataset, config, ratio=0.0)
+    assert first.macs > 0 and first.latency_ms_b1 > 0 and first.latency_ms_b8 > 0
+
+    def measured_again(*args: object, **kwargs: object) -> float:
+        raise AssertionError("a cached run was measured again")
+
+    monkeypatch.setattr(prune, "cpu_latency_ms", measured_again)
+    monkeypatch.setattr(prune, "macs_and_params", measured_again)
+    assert prune.prune_and_retrain(cnn, dataset, config, ratio=0.0) == first
+
+    timed: list[dict[str, object]] = []
+    monkeypatch.setattr(prune, "cpu_latency_ms", lambda *args, **kwargs: timed.append(kwargs) or 1.0)
+    monkeypatch.setattr(prune, "macs_and_params", lambda model: (first.macs, first.params))
+    config.benchmark.iterations += 1  # other benchmark settings: the cached latencies no longer apply
+    again = prune.prune_and_retrain(cnn, dataset, config, ratio=0.0)
+    assert again.latency_ms_b1 == again.latency_ms_b8 == 1.0 and again.macs == first.macs
+    assert [(t["batch"], t["iterations"]) for t in timed] == [(1, config.benchmark.iterations),
+                                                             (8, config.benchmark.iterations)]

@@ -123,7 +123,7 @@ def test_qat_result_figures(tmp_path: Path) -> None:
 
     parity = qat.Parity(0.01, 3.0, 1.0, 1.0, 0, 10)
     result = qat.QatResult(0.9, 0.85, 0.91, 0.9, 1, tmp_path / "q.onnx", parity, 6)
-    figures = result.ledger()
+    figures = result.metrics()
     assert figures["top1_drop_vs_fp32"] == pytest.approx(-0.01)
     assert figures["ptq_top1_drop_vs_fp32"] == pytest.approx(0.05) and figures["onnx_parity_ok"]
     Ledger(tmp_path).save(ZooRecord(metrics=figures))  # the QAT figures keep the ledger's conventions

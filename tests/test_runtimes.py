@@ -117,10 +117,9 @@ def test_benchmark_rows_accuracy_and_ledger(tmp_path: Path) -> None:
     assert list(results[0].latencies) == [1, 4, 8] and list(results[1].latencies) == [1, 4]
     assert max(capped.batches) == 4  # accuracy batches respect max_batch too
     assert results[0].val_top1 == pytest.approx(0.6)
-    metrics = rt.ledger_metrics(results, build_seconds={"fake_int8": 12.5})
+    metrics = rt.benchmark_metrics(results)
     assert metrics["fake_fp32"]["latency_ms_p50_b8"] == 2.0 and metrics["fake_fp32"]["throughput_b8"] == 4000.0
-    assert "throughput_b8" not in metrics["fake_int8"] and metrics["fake_int8"]["build_seconds"] == 12.5
-    assert "build_seconds" not in metrics["fake_fp32"]
+    assert "throughput_b8" not in metrics["fake_int8"]
     Ledger(tmp_path).save(BenchmarkRecord(metrics=metrics))
     recorded = Ledger(tmp_path).load(BenchmarkRecord)
     assert recorded is not None and recorded.metrics["fake_fp32"]["val_top1"] == pytest.approx(0.6)
@@ -150,8 +149,21 @@ def test_compare_threads_closes_each_runner() -> None:
         made[threads] = FakeRunner([10.0 * threads], clock)
         return made[threads]
 
-    timings = rt.compare_threads(make, [1, 2], batch=1, input_size=8, warmup=0, iterations=2)
+    timings = timing.compare_threads(make, [1, 2], batch=1, input_size=8, warmup=0, iterations=2)
     assert all(runner.closed for runner in made.values()) and set(timings) == {1, 2}
+
+
+def test_compare_thread_counts_times_each_count_and_restores_threads() -> None:
+    from course_utils.vision.inference import compare_thread_counts
+
+    original = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        timings = compare_thread_counts((1, 2), repeats=2)
+        assert torch.get_num_threads() == 3, "the previous thread count is restored"
+    finally:
+        torch.set_num_threads(original)
+    assert list(timings) == [1, 2] and all(isinstance(ms, float) and ms > 0 for ms in timings.values())
 
 
 def test_validation_arrays_use_the_given_transform(tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""What the app can run on this machine: the classifiers, their runtimes, and classification itself."""
+"""What the app can run on this machine: the classifiers, their runtimes, and classification itself.
+
+The app runs no stage: it reads the stage records (the ledger's ``deployed_model``, then the ONNX, PTQ and
+engines records made from that very network) and offers only what they name; ``prepare-demo`` builds them.
+"""
 
 from __future__ import annotations
 
@@ -69,7 +73,7 @@ def _course_model(config: CourseConfig) -> ModelChoice | None:
     from course_utils.core.ledger import Ledger, deployed_model
 
     try:
-        deployed = deployed_model(Ledger(config.workspace))
+        deployed = deployed_model(Ledger(config.workspace), config)
     except (MissingArtifactError, StaleArtifactError):
         return None
     classes = ", ".join(deployed.classes[:4]) + (" …" if len(deployed.classes) > 4 else "")
@@ -135,8 +139,8 @@ def runtime_choices(config: CourseConfig, model: ModelChoice) -> list[RuntimeCho
     from course_utils.core.ledger import Ledger
     from course_utils.deploy.runtimes import ptq_cpu_model
 
-    onnx = Ledger(config.workspace).load(OnnxRecord)
-    if onnx is None or onnx.made_from.get("model") != model.network_sha256 or onnx.optimized.problem(config.workspace):
+    onnx = Ledger(config.workspace).current(OnnxRecord, made_from={"model": model.network_sha256})
+    if onnx is None:
         return choices
     network, onnx_path = model.network_sha256, onnx.optimized.resolve(config.workspace)
     choices.append(RuntimeChoice("onnxruntime_fp32", "ONNX Runtime FP32", "onnxruntime", "fp32", onnx_path, network))
@@ -152,10 +156,10 @@ def _engines(config: CourseConfig, onnx: OnnxRecord) -> dict[str, Path]:
 
     if tensorrt_version() is None:  # no TensorRT: no engine can run, so none is offered
         return {}
-    from course_utils.deploy.tensorrt_engines import OnnxModel, built_engines
+    from course_utils.deploy.tensorrt_engines import OnnxModel, engines_here
 
-    return built_engines(config, OnnxModel(onnx.optimized.resolve(config.workspace), onnx.optimized.sha256,
-                                           onnx.input_name, onnx.output_name, onnx.input_size))
+    return engines_here(config, OnnxModel(onnx.optimized.resolve(config.workspace), onnx.optimized.sha256,
+                                          onnx.input_name, onnx.output_name, onnx.input_size))
 
 
 # --- Classification ------------------------------------------------------------------------------------------
@@ -181,7 +185,8 @@ def open_classifier(config: CourseConfig, model: ModelChoice, runtime: RuntimeCh
     transform = entry(model.backbone).preprocessing.eval_transform()
     threads, max_batch = config.benchmark.threads, config.engine.batch_max
     if runtime.runtime == "pytorch":
-        classifier = _load_course_model(config, model) if model.key == DEPLOYED else load(model.key)
+        classifier = (_load_course_model(config, model) if model.key == DEPLOYED
+                      else load(model.key, cache_root=config.workspace / "cache"))
         return LoadedClassifier(TorchRunner(classifier, threads=threads), classifier.classes, transform, max_batch,
                                 classifier)
     classes = list(model.classes)
@@ -198,7 +203,7 @@ def _load_course_model(config: CourseConfig, model: ModelChoice) -> Any:
     from course_utils.core.ledger import Ledger, deployed_model
     from course_utils.vision.deployment import load_model
 
-    deployed = deployed_model(Ledger(config.workspace))
+    deployed = deployed_model(Ledger(config.workspace), config)
     if deployed.sha256 != model.network_sha256:
         raise AppError("The course model changed since the app listed it (a stage ran meanwhile): reload the page.")
     return load_model(deployed, config.workspace)
@@ -213,16 +218,23 @@ def top_k(logits: np.ndarray, classes: Sequence[str], k: int = 5) -> list[list[t
 
 
 def classify(loaded: LoadedClassifier, images: Sequence[Image], k: int = 5) -> list[list[tuple[str, float]]]:
-    """Top-``k`` predictions for each image, in batches of at most ``loaded.max_batch``."""
-    batch = np.stack([loaded.transform(image.convert("RGB")).numpy() for image in images]).astype(np.float32)
+    """Top-``k`` predictions for each RGB image (``decode_uploads``' or a generation's), in batches of at most
+    ``loaded.max_batch``."""
+    batch = np.stack([loaded.transform(image).numpy() for image in images]).astype(np.float32)
     logits = np.concatenate([loaded.runner.run(batch[i:i + loaded.max_batch])
                              for i in range(0, len(batch), loaded.max_batch)])
     return top_k(logits, loaded.classes, k)
 
 
 def decode_uploads(files: Sequence[tuple[str, bytes]], max_images: int) -> list[tuple[str, Image]]:
-    """Decode uploaded files to RGB images; too many files, or one that is no image, raises ``AppError``."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode uploaded files to RGB images; too many files, or one that is no image, raises ``AppError``.
+
+    Decoding is ``vision.data.load_rgb``'s, as in training: 16-bit greyscale is scaled, not clipped, and
+    transparency is composited on white, so the app classifies the pixels the model was trained on.
+    """
+    from PIL import UnidentifiedImageError
+
+    from course_utils.vision.data import load_rgb
 
     if not files:
         raise AppError("No image uploaded yet: choose one or more photos first.")
@@ -232,8 +244,7 @@ def decode_uploads(files: Sequence[tuple[str, bytes]], max_images: int) -> list[
     images = []
     for name, content in files:
         try:
-            with Image.open(io.BytesIO(content)) as image:
-                images.append((name, image.convert("RGB")))
+            images.append((name, load_rgb(io.BytesIO(content))))
         except (UnidentifiedImageError, OSError):
             raise AppError(f"{name} is not an image the app can read (JPEG, PNG, GIF, BMP, WebP).") from None
     return images

@@ -22,7 +22,12 @@ LOG = logging.getLogger(__name__)
 
 @dataclass
 class DemoStep:
-    """One artifact ``prepare_demo`` made sure of: ``ready`` (already there), ``built``, ``skipped`` or ``failed``."""
+    """One artifact ``prepare_demo`` made sure of or looked at.
+
+    ``status`` is ``ready`` (already there), ``built``, ``skipped`` (not for this machine), ``failed``, or,
+    when only looking (``build=False``), ``missing`` (``detail`` says what building would do) or
+    ``unchecked`` (the story model, which only a build reaches).
+    """
 
     name: str
     status: str
@@ -82,9 +87,9 @@ def _quantize(config: CourseConfig) -> str:
 
 
 def _engines_ready(config: CourseConfig) -> str:
-    from course_utils.deploy.tensorrt_engines import built_engines, onnx_model
+    from course_utils.deploy.tensorrt_engines import engines_here, onnx_model
 
-    if not (engines := built_engines(config, onnx_model(config))):
+    if not (engines := engines_here(config, onnx_model(config))):
         raise MissingArtifactError("no engine is built for this ONNX model on this GPU and TensorRT yet")
     return ", ".join(path.name for path in engines.values())
 
@@ -159,7 +164,7 @@ def prepare_demo(config: CourseConfig, build: bool = True,
 
     Each step reuses what is valid and builds what is missing; a failing step is reported and the
     others still run; the outcome goes to ``demo_manifest_path(config)``. ``build=False`` only looks:
-    each step says ``ready``, ``missing`` (and what it would do) or ``skipped``.
+    each step says ``ready``, ``missing`` (and what it would do), ``skipped`` or ``unchecked``.
     """
     from course_utils.core.atomic import write_json_atomic
 

@@ -11,8 +11,9 @@ Two rules follow, and the ledger enforces them:
   command that makes it) and, when it says which upstream it needs, only if it was made from that
   upstream (else ``StaleArtifactError`` names what to rerun): artifacts of two different networks are never
   mixed;
-* ``deployed_model`` is the one answer to "which model ships": the pruned model only when the pruning stage
-  was made from the current fine-tuned model and met its target, else the fine-tuned model, with the reason.
+* ``ledger.deployed_model`` is the one answer to "which model ships": the pruned model only when the pruning
+  stage was made from the current fine-tuned model and met its target, else the fine-tuned model, with the
+  reason.
 
 This module imports no PyTorch (the app reads records before it loads any model).
 """
@@ -24,8 +25,22 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from course_utils.core.config import PruneConfig
 from course_utils.core.downloads import sha256_file
 from course_utils.core.errors import CourseError
+
+# Hashes of files already read, by (path, size, modification time): every consumer checks the files it is
+# given, and the app, a notebook or one stage may check the same checkpoint several times.
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of ``path``, read once per version of the file (keyed by size and modification time)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
 
 
 class MissingArtifactError(CourseError, FileNotFoundError):
@@ -50,7 +65,7 @@ class FileRef(BaseModel):
         """Describe ``path`` (hashing it); stored relative to ``workspace`` when it lies inside."""
         path, workspace = Path(path).resolve(), Path(workspace).resolve()
         stored = path.relative_to(workspace) if path.is_relative_to(workspace) else path
-        return cls(path=stored.as_posix(), sha256=sha256_file(path), size_bytes=path.stat().st_size)
+        return cls(path=stored.as_posix(), sha256=file_sha256(path), size_bytes=path.stat().st_size)
 
     def resolve(self, workspace: str | Path) -> Path:
         """The absolute path of the file in ``workspace``."""
@@ -66,7 +81,7 @@ class FileRef(BaseModel):
         path = self.resolve(workspace)
         if not path.exists():
             return f"{self.path} is gone"
-        if path.stat().st_size != self.size_bytes or sha256_file(path) != self.sha256:
+        if path.stat().st_size != self.size_bytes or file_sha256(path) != self.sha256:
             return f"{self.path} changed since it was recorded"
         return None
 
@@ -122,7 +137,7 @@ class StageRecord(BaseModel):
 
 class EnvironmentRecord(StageRecord):
     stage: ClassVar[str] = "environment"
-    made_by: ClassVar[str] = "notebook 00 (`python -m course_utils doctor`)"
+    made_by: ClassVar[str] = "notebook 00"
 
 
 class ZooRecord(StageRecord):
@@ -132,7 +147,7 @@ class ZooRecord(StageRecord):
 
 class StoryRecord(StageRecord):
     stage: ClassVar[str] = "story"
-    made_by: ClassVar[str] = "notebook 08 (`python -m course_utils story`)"
+    made_by: ClassVar[str] = "notebook 08"
 
 
 class ImagegenRecord(StageRecord):
@@ -180,8 +195,23 @@ class PruneRecord(StageRecord):
     made_by: ClassVar[str] = "notebook 03 (`python -m course_utils prune`)"
 
     model: FileRef
-    meets_target: bool
+    meets_target: bool  # ``pruning_pays`` under the targets of ``target``
     target: str  # the target in words, e.g. "≥ 40% fewer MACs within 1 point of top-1"
+    macs_reduction: float = 0.0
+    top1_drop: float = 1.0  # unpruned top-1 minus the kept model's, after retraining
+
+
+
+def pruning_pays(macs_reduction: float, top1_drop: float, targets: PruneConfig) -> bool:
+    """TAO's "prune, retrain, recover" as a rule: at least ``target_macs_reduction`` fewer MACs, within
+    ``max_top1_drop`` of the unpruned top-1. The one place the course decides whether a pruned model ships."""
+    return macs_reduction >= targets.target_macs_reduction and top1_drop <= targets.max_top1_drop
+
+
+def target_words(targets: PruneConfig) -> str:
+    """The pruning target in words, as the record, the notebook and the report say it."""
+    return (f"≥ {targets.target_macs_reduction:.0%} fewer MACs within {targets.max_top1_drop * 100:g} "
+            "point(s) of the unpruned top-1")
 
 
 class DeployedModel(BaseModel):
@@ -218,7 +248,10 @@ class OnnxRecord(StageRecord):
 
 
 class EnginesRecord(StageRecord):
-    """TensorRT engines built from ``made_from["onnx"]`` (precision -> engine), or the plan where none could be."""
+    """TensorRT engines built here from ``made_from["onnx"]`` (precision -> engine), with their build times.
+
+    ``engines`` is empty where this machine has no TensorRT or GPU; no plan is stored.
+    """
 
     stage: ClassVar[str] = "engines"
     made_by: ClassVar[str] = "notebook 05 (`python -m course_utils build-engine`)"

@@ -264,7 +264,7 @@ class CourseConfig(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", validate_assignment=True, case_sensitive=False,
                                       env_prefix=ENV_PREFIX, env_nested_delimiter="__", env_parse_none_str="null")
 
-    spec: str = "default"
+    spec: str = "default"  # a shipped spec's name, or the resolved path of another YAML spec file
     experiment: str = "workbook"
     seed: int = 42
     offline: bool = False  # True: never probe the network (COURSE_OFFLINE=1); stages use their offline paths
@@ -319,6 +319,17 @@ def _spec_path(spec: str | Path) -> Path:
         + (f" (did you mean {', '.join(hint)}?)" if hint else "")
         + "; or pass the path of a YAML file."
     )
+
+
+def _spec_name(spec: str | Path) -> str:
+    """What ``config.spec`` records, so that ``load_config(config.spec)`` loads the same spec again.
+
+    A shipped spec keeps its name (given by name or by its path: ``smoke``, so ``config.smoke`` holds);
+    any other YAML file is recorded by its resolved path, which notebooks and the app's kernel can load
+    from any folder.
+    """
+    path = _spec_path(spec).resolve()
+    return path.stem if path.parent == SPECS_DIR.resolve() else str(path)
 
 
 def _read_spec(spec: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -392,7 +403,7 @@ def load_config(
     environ = os.environ if environ is None else environ
     spec = spec or environ.get("COURSE_SPEC", "default")
     data = _read_spec(spec)
-    data["spec"] = Path(spec).stem
+    data["spec"] = _spec_name(spec)
     try:
         with _loading(data, environ):
             config = CourseConfig(**_dotted_to_nested(overrides or {}))

@@ -156,18 +156,13 @@ def tensorrt_version() -> str | None:
     return str(getattr(trt, "__version__", "unknown"))
 
 
-def check_online(timeout_s: float = 2.0, environ: dict[str, str] | None = None,
-                 offline: bool | None = None) -> tuple[bool, str | None]:
+def check_online(offline: bool, timeout_s: float = 2.0) -> tuple[bool, str | None]:
     """Whether download servers are reachable; offline mode says no without trying.
 
-    Callers with a config pass ``offline=config.offline`` (which ``COURSE_OFFLINE=1`` sets); only a caller
-    with none (``offline=None``) falls back to reading ``COURSE_OFFLINE`` from ``environ`` itself.
+    Callers pass ``offline=config.offline`` (which ``COURSE_OFFLINE=1`` or ``offline: true`` in the spec sets).
     """
     if offline:
         return False, "offline is set (COURSE_OFFLINE=1 or offline: true in the spec)"
-    environ = dict(os.environ) if environ is None else environ
-    if offline is None and environ.get("COURSE_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
-        return False, "COURSE_OFFLINE is set"
     try:
         with socket.create_connection(ONLINE_PROBE, timeout=timeout_s):
             return True, None
@@ -175,7 +170,7 @@ def check_online(timeout_s: float = 2.0, environ: dict[str, str] | None = None,
         return False, f"{ONLINE_PROBE[0]} unreachable ({error.__class__.__name__})"
 
 
-def detect_environment(probe_network: bool = True, offline: bool | None = None) -> EnvironmentReport:
+def detect_environment(probe_network: bool = True, offline: bool = False) -> EnvironmentReport:
     """Inspect this machine; ``probe_network=False`` skips the (short) online check, as ``offline=True`` does."""
     report = EnvironmentReport(
         python=platform.python_version(),
@@ -227,38 +222,3 @@ def set_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def compare_thread_counts(counts: tuple[int, ...] | None = None, repeats: int = 5) -> dict[int, float]:
-    """Median milliseconds of a small conv-net forward at each thread count (default 1..cores).
-
-    On a busy 2-core machine one thread is often faster than two: measure before choosing.
-    The previous thread setting is restored afterwards.
-    """
-    import numpy as np
-    import torch
-
-    from course_utils.core.timing import Runner, measure_latency
-
-    counts = counts or tuple(range(1, (os.cpu_count() or 1) + 1))
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, stride=2),
-        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10),
-    ).eval()
-
-    class ToyNetRunner(Runner):  # core may not import the vision layer's TorchRunner; this is all it needs
-        runtime = "pytorch"
-
-        def run(self, images: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return net(torch.from_numpy(images)).numpy()
-
-    previous = torch.get_num_threads()
-    timings = {}
-    try:
-        for threads in counts:
-            torch.set_num_threads(threads)
-            timings[threads] = measure_latency(ToyNetRunner(), 4, 160, warmup=1, iterations=repeats).p50_ms
-    finally:
-        torch.set_num_threads(previous)
-    return timings

@@ -28,6 +28,20 @@ DISTRIBUTIONS = {
 }
 
 
+# Which extra of pyproject.toml installs each optional stack (by import name), for errors raised far from a
+# ``lazy_import`` (a plain import on the way, seen by the CLI).
+EXTRAS = {
+    **dict.fromkeys(["torch", "torchvision", "timm", "mmpretrain", "mmengine", "mmcv", "torch_pruning",
+                     "efficientnet_lite_pytorch"], "train"),
+    **dict.fromkeys(["onnx", "onnxruntime", "onnxscript", "polygraphy", "onnx_graphsurgeon", "onnxsim", "onnxslim",
+                     "modelopt"], "deploy"),
+    **dict.fromkeys(["openai", "nemoguardrails", "sentence_transformers", "llama_cpp"], "story"),
+    **dict.fromkeys(["diffusers", "transformers", "accelerate"], "imagegen"),
+    **dict.fromkeys(["piper", "faster_whisper", "av"], "speech"),
+    **dict.fromkeys(["papermill", "nbclient", "nbformat", "ipywidgets", "voila", "IPython"], "notebooks"),
+}
+
+
 class MissingDependencyError(CourseError, ImportError):
     """An optional package is not installed (or does not import); the message names it and the fix."""
 
@@ -63,3 +77,14 @@ def _not_installed(top: str) -> bool:
         return importlib.util.find_spec(top) is None
     except (ImportError, ValueError):  # a half-imported package whose __spec__ is unset
         return False
+
+
+def as_missing_dependency(error: ModuleNotFoundError) -> MissingDependencyError | None:
+    """The course's message for a missing optional stack (which extra installs it), or None for any other
+    missing module (a bug, which keeps its traceback)."""
+    top = (error.name or "").partition(".")[0]
+    if top not in EXTRAS:
+        return None
+    return MissingDependencyError(f'{distribution(top)} is not installed, and this step needs it: '
+                                  f'pip install -e ".[{EXTRAS[top]}]"', name=top)
+

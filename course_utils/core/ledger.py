@@ -5,7 +5,7 @@ records instead of scraping notebook outputs or guessing paths. Only this module
 
     ledger = Ledger(config.workspace)
     ledger.save(FinetuneRecord(checkpoint=..., backbone=..., ...))
-    onnx = ledger.require(OnnxRecord, made_from={"model": deployed_model(ledger).sha256})
+    onnx = ledger.require(OnnxRecord)  # made from the model that ships now, else StaleArtifactError
 
 Writes are atomic and serialised by a file lock, so the app and a notebook may record at the same time.
 Metric conventions: accuracies are fractions in [0, 1] (differences, keys with ``_drop`` or ``_delta``, in
@@ -15,6 +15,7 @@ Metric conventions: accuracies are fractions in [0, 1] (differences, keys with `
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -28,15 +29,19 @@ from course_utils.core.artifacts import (
     DeployedModel,
     FinetuneRecord,
     MissingArtifactError,
+    OnnxRecord,
     PruneRecord,
     StageRecord,
     StaleArtifactError,
     rerun_hint,
+    target_words,
 )
 from course_utils.core.atomic import write_json_atomic
+from course_utils.core.config import CourseConfig
 from course_utils.core.errors import CourseError
 
 LEDGER_NAME = "results.json"
+LOG = logging.getLogger(__name__)
 R = TypeVar("R", bound=StageRecord)
 
 
@@ -104,27 +109,70 @@ class Ledger:
             return None
 
     def require(self, kind: type[R], made_from: Mapping[str, str] | None = None) -> R:
-        """The record of ``kind`` with its files intact and, for each ``made_from`` role, made from that hash.
+        """The record of ``kind`` with its files intact and made from the current upstream artifacts.
 
-        Raises ``MissingArtifactError`` (no such record) or ``StaleArtifactError`` (a file gone or changed,
-        or made from another upstream), each naming the notebook or command to rerun.
+        Each ``made_from`` role is checked against ``made_from`` when given, else against what the ledger
+        holds now (``current_upstream``). Raises ``MissingArtifactError`` (no such record, or one an older
+        course wrote) or ``StaleArtifactError`` (a file gone or changed, or made from another upstream),
+        each naming the notebook or command to rerun.
         """
         record = self.load(kind)
         if record is None:
-            raise MissingArtifactError(f"No {kind.stage} artifacts in {self.workspace}: {rerun_hint(kind)} first.")
+            older = kind.stage in self.read()
+            raise MissingArtifactError(
+                f"No {kind.stage} artifacts in {self.workspace}"
+                + (" this course version can read (an older course wrote them)" if older else "")
+                + f": {rerun_hint(kind)} first.")
         for role, ref in record.files().items():
             if (problem := ref.problem(self.workspace)) is not None:
                 raise StaleArtifactError(f"The {kind.stage} stage's {role}: {problem}; {rerun_hint(kind)} again.")
-        for role, expected in (made_from or {}).items():
-            if record.made_from.get(role) != expected:
+        expected = dict(made_from) if made_from is not None else self.current_upstream(record.made_from)
+        for role, wanted in expected.items():
+            if record.made_from.get(role) != wanted:
                 raise StaleArtifactError(
                     f"The {kind.stage} artifacts were made from another {role} "
-                    f"({record.made_from.get(role, 'unknown')[:12]}…) than the current one ({expected[:12]}…): "
+                    f"({record.made_from.get(role, 'unknown')[:12]}…) than the current one ({wanted[:12]}…): "
                     f"{rerun_hint(kind)} again.")
         return record
 
+    def current(self, kind: type[R], made_from: Mapping[str, str] | None = None) -> R | None:
+        """``require``, or None where it would raise: for consumers that simply leave out what is not current."""
+        try:
+            return self.require(kind, made_from)
+        except MissingArtifactError:
+            return None
+        except StaleArtifactError as why:  # worth a word: the user may expect it to be used
+            LOG.warning("Left out: %s", why)
+            return None
+
+    def current_upstream(self, roles: Mapping[str, str]) -> dict[str, str]:
+        """What each of ``roles`` (``finetuned``, ``model``, ``onnx``) hashes to now; a role with no current
+        artifact maps to ``"none"``, so anything made from an earlier one is stale."""
+        found: dict[str, str] = {}
+        for role in roles:
+            try:
+                if role == "finetuned":
+                    found[role] = self.require(FinetuneRecord).checkpoint.sha256
+                elif role == "model":
+                    found[role] = deployed_model(self).sha256
+                elif role == "onnx":
+                    found[role] = self.require(OnnxRecord).optimized.sha256
+            except (MissingArtifactError, StaleArtifactError):
+                found[role] = "none"
+        return found
+
+    def stale_reason(self, record: StageRecord) -> str | None:
+        """Why ``record`` no longer describes the current pipeline (made from an older upstream), or None."""
+        try:
+            self.require(type(record))
+        except StaleArtifactError as why:
+            return str(why)
+        except MissingArtifactError:
+            return None
+        return None
+
     def records(self) -> dict[str, StageRecord]:
-        """Every record this course version can read, by stage, in the order they were stored."""
+        """Every record this course version can read, by stage name (the file's keys are sorted)."""
         loaded = {}
         for stage in self.read():
             kind = StageRecord.registry.get(stage)
@@ -133,13 +181,25 @@ class Ledger:
         return loaded
 
 
-def deployed_model(ledger: Ledger) -> DeployedModel:
+def finetuned_model(ledger: Ledger, config: CourseConfig | None = None) -> FinetuneRecord:
+    """The fine-tuning stage's record; with ``config``, stale when the spec now names another backbone."""
+    finetuned = ledger.require(FinetuneRecord)
+    if config is not None and finetuned.backbone != config.model.backbone:
+        raise StaleArtifactError(
+            f"The fine-tuned model is a {finetuned.backbone} but the spec asks for {config.model.backbone} "
+            f"(model.backbone): {rerun_hint(FinetuneRecord)} again.")
+    return finetuned
+
+
+def deployed_model(ledger: Ledger, config: CourseConfig | None = None) -> DeployedModel:
     """The one answer to "which model ships": every deployment stage, the CLI, the app and the report ask here.
 
     The pruned model ships only when the pruning stage was made from the current fine-tuned checkpoint and
-    met its target; otherwise the fine-tuned model ships, and ``reason`` says why.
+    met its target; otherwise the fine-tuned model ships, and ``reason`` says why. With ``config``, a
+    fine-tuned model of another backbone than the spec names, or a pruning verdict made under other targets,
+    is stale: the spec changed since, and the error names the notebook to rerun.
     """
-    finetuned = ledger.require(FinetuneRecord)
+    finetuned = finetuned_model(ledger, config)
     pruned = ledger.load(PruneRecord)
     if pruned is None:
         reason = "no pruning stage has run, so the fine-tuned model ships"
@@ -148,10 +208,23 @@ def deployed_model(ledger: Ledger) -> DeployedModel:
                   f"({rerun_hint(PruneRecord)} to prune the current one)")
     elif (problem := pruned.model.problem(ledger.workspace)) is not None:
         reason = f"the pruned model's file is unusable ({problem}); the fine-tuned model ships"
+    elif config is not None and _targets(pruned.settings.get("prune")) not in (None, _targets(config.prune.model_dump())):
+        raise StaleArtifactError(f"The pruned model was judged against other targets ({pruned.target}) than the "
+                                 f"spec's ({target_words(config.prune)}): {rerun_hint(PruneRecord)} again "
+                                 "(its runs are cached).")
     elif not pruned.meets_target:
-        reason = f"the pruned model misses its target ({pruned.target}), so the fine-tuned model ships"
+        reason = (f"the pruned model misses its target ({pruned.target}: {pruned.macs_reduction:.0%} fewer MACs, "
+                  f"top-1 {pruned.top1_drop * 100:.1f} points below the unpruned model), so the fine-tuned "
+                  "model ships")
     else:
         return DeployedModel(kind="pruned", model=pruned.model, backbone=finetuned.backbone,
                              classes=finetuned.classes, reason=f"the pruned model meets its target ({pruned.target})")
     return DeployedModel(kind="finetuned", model=finetuned.checkpoint, backbone=finetuned.backbone,
                          classes=finetuned.classes, reason=reason)
+
+
+def _targets(prune_settings: Mapping[str, Any] | None) -> tuple[Any, Any] | None:
+    if not prune_settings:
+        return None
+    return prune_settings.get("target_macs_reduction"), prune_settings.get("max_top1_drop")
+

@@ -31,9 +31,14 @@ def course_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
     return sorted(p for p in folder.glob("*.ipynb") if NOTEBOOK_NAME.match(p.name))
 
 
-def notebook_parameters(config: CourseConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The papermill parameters every notebook takes: its spec, plus any extra overrides."""
-    return {"SPEC": config.spec, **(extra or {})}
+def notebook_parameters(config: CourseConfig, overrides: Mapping[str, Any] | None = None,
+                        extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The papermill parameters every notebook takes: its spec and its ``OVERRIDES``, plus any ``extra``.
+
+    ``SPEC`` is ``config.spec`` (a shipped spec's name or a YAML file's resolved path), so each notebook's
+    ``load_config(SPEC, OVERRIDES)`` loads what ``config`` was loaded from.
+    """
+    return {"SPEC": config.spec, "OVERRIDES": dict(overrides or {}), **(extra or {})}
 
 
 def run_notebook(notebook: Path, output: Path, parameters: Mapping[str, Any], cwd: Path = NOTEBOOKS_DIR,
@@ -50,11 +55,13 @@ def run_notebook(notebook: Path, output: Path, parameters: Mapping[str, Any], cw
     return NotebookRun(notebook, output, time.perf_counter() - started)
 
 
-def run_all(config: CourseConfig, only: list[str] | None = None, folder: Path = NOTEBOOKS_DIR) -> Path:
+def run_all(config: CourseConfig, only: list[str] | None = None, folder: Path = NOTEBOOKS_DIR,
+            overrides: Mapping[str, Any] | None = None) -> Path:
     """The main job: run every notebook (or those whose names start with ``only``), then write the report.
 
-    Returns the run folder, ``<workspace>/runs/<timestamp>``, which holds the executed notebooks,
-    ``report.md`` and ``report.html``.
+    ``overrides`` (what ``config`` was loaded with on top of its spec, e.g. the CLI's ``--set``) reach every
+    notebook as its ``OVERRIDES`` parameter. Returns the run folder, ``<workspace>/runs/<timestamp>``, which
+    holds the executed notebooks, ``report.md`` and ``report.html``.
     """
     run_dir = config.workspace / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     runs = []
@@ -62,7 +69,7 @@ def run_all(config: CourseConfig, only: list[str] | None = None, folder: Path = 
         if only and not any(notebook.name.startswith(prefix) for prefix in only):
             continue
         print(f"▶ {notebook.name}", flush=True)
-        run = run_notebook(notebook, run_dir / notebook.name, notebook_parameters(config), cwd=folder)
+        run = run_notebook(notebook, run_dir / notebook.name, notebook_parameters(config, overrides), cwd=folder)
         print(f"  done in {run.seconds:.0f} s", flush=True)
         runs.append(run)
     ledger = Ledger(config.workspace)

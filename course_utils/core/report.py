@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +59,7 @@ def stage_table(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(k, _format(v)) for k, v in flatten(metrics).items() if k != "recorded_at"]
 
 
-def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """Rows of dicts as a Markdown table (numbers formatted to 4 significant digits)."""
     if not rows:
         return "_(no rows)_"
@@ -92,7 +92,11 @@ def _deployment_line(ledger: Ledger) -> str | None:
 def _sections(ledger: Ledger) -> dict[str, dict[str, Any]]:
     records = ledger.records()
     ordered = [s for s in STAGE_TITLES if s in records] + sorted(set(records) - set(STAGE_TITLES))
-    return {stage: records[stage].summary() for stage in ordered}
+    sections = {}
+    for stage in ordered:
+        stale = ledger.stale_reason(records[stage])  # made from an older upstream: say so, never mix silently
+        sections[stage] = {**({"⚠ stale": stale} if stale else {}), **records[stage].summary()}
+    return sections
 
 
 def render_markdown(ledger: Ledger, title: str = "Transfer-Learning Workbook report") -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -47,7 +47,7 @@ class Runner(abc.ABC):
 
     @property
     def key(self) -> str:
-        """The ledger key: ``onnxruntime_fp32``, ``tensorrt_int8``, ``pytorch_fp32_cuda``."""
+        """Its key in the benchmark record: ``onnxruntime_fp32``, ``tensorrt_int8``, ``pytorch_fp32_cuda``."""
         suffix = "" if self.device == "cpu" or self.runtime == "tensorrt" else f"_{self.device}"
         return f"{self.runtime}_{self.precision}{suffix}"
 
@@ -101,3 +101,13 @@ def measure_latency(runner: Runner, batch: int, input_size: int, warmup: int, it
         samples.append((clock() - started) * 1000.0)
     p50, p90, p99 = np.percentile(samples, [50, 90, 99])
     return Latency(batch, iterations, float(p50), float(p90), float(p99), float(np.mean(samples)))
+
+
+def compare_threads(make_runner: Callable[[int], Runner], counts: Sequence[int], batch: int, input_size: int,
+                    warmup: int, iterations: int) -> dict[int, Latency]:
+    """Latency of the same model at each intra-op thread count (one runner per count, closed after use)."""
+    timings = {}
+    for count in counts:
+        with make_runner(count) as runner:
+            timings[count] = measure_latency(runner, batch, input_size, warmup, iterations)
+    return timings

@@ -361,6 +361,10 @@ class Parity:
                 f"{self.max_rel_diff:.2g} of the largest logit (tolerance {self.tolerance:.0e})")
 
 
+class UnverifiableModelError(CourseError, ValueError):
+    """A model whose export cannot be checked (its outputs are all zero, so any comparison would pass)."""
+
+
 class ParityError(CourseError, AssertionError):
     """An ONNX graph whose outputs do not match the PyTorch model's."""
 
@@ -391,7 +395,7 @@ class ParityChecker:
                                             data_loader=self.feeds)
         self.scale = max(float(np.abs(it[output_name]).max()) for _, its in self.reference for it in its)
         if self.scale == 0.0:
-            raise ValueError("The model's outputs are all zero, so any comparison would pass: give its zero-initialised "
+            raise UnverifiableModelError("The model's outputs are all zero, so any comparison would pass: give its zero-initialised "
                              "layers random weights first (mmpretrain zero-initialises ViT heads).")
 
     def check(self, path: Path) -> Parity:

@@ -1,11 +1,12 @@
 """Stage 04: export the deployed model to ONNX with a dynamic batch, verify it, optimize it, cache it.
 
-``course_onnx(config)`` is the stage in one call: it exports the model later stages deploy (the
-pruned model when the pruning stage recorded one, else the fine-tuned model), checks the export
+``run(config)`` is the stage in one call: it exports ``core.ledger.deployed_model``'s model (the pruned
+model only when it met its target, else the fine-tuned model) with ``course_onnx``, which checks the export
 against PyTorch in ONNX Runtime at batch 1, 3 and 8, optimizes the graph with the steps of
 ``course_utils.deploy.graph_optimize``, and keeps the result under ``<workspace>/onnx/``, keyed by the model's
 weights, the exporter, the opset, the pipeline and the tools' versions: a rerun reuses what is valid
-and rebuilds what is stale.
+and rebuilds what is stale. ``run`` then times the optimized graph on ONNX Runtime CPU and saves the
+stage's ``OnnxRecord``.
 """
 
 from __future__ import annotations
@@ -382,7 +383,7 @@ def run(config: CourseConfig, rebuild: bool = False) -> OnnxStageResult:
         reason=deployed.reason,
         backbone=artifacts.backbone, input_name=artifacts.input_name, output_name=artifacts.output_name,
         input_size=artifacts.input_size, made_from={"model": deployed.sha256},
-        settings={"export": config.export.model_dump()}, tools=tool_versions(),
+        settings={"export": config.export.model_dump()}, tools={name: v for name, v in tool_versions().items()},
         metrics=stage_metrics(artifacts, latency)))
     return OnnxStageResult(artifacts, latency, record, deployed)
 

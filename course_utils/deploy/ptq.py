@@ -10,6 +10,11 @@ ONNX Runtime, and measures all of them on the same validation images and the sam
 Every INT8 file is cached in ``<workspace>/int8`` under a name and a sidecar keyed by the FP32
 model's hash, the recipe, the calibration set's hash and the tool versions: a rerun reuses what is
 still valid and rebuilds what is stale.
+
+The FP32 model is the ONNX stage's optimized export of the model that ships (``course_fp32_onnx``; nothing
+is exported here). ``run(config)`` is the stage in one call (``python -m course_utils quantize`` and
+``prepare-demo``); notebook 06 teaches the same steps cell by cell. Both end with ``save_record``, which saves
+the ``PtqRecord``: the best CPU INT8 model and the TensorRT Q/DQ model, made from the FP32 ONNX's hash.
 """
 
 from __future__ import annotations
@@ -227,8 +232,8 @@ class VariantResult:
     size_mb: float
     calibration_images: int
 
-    def ledger(self) -> dict[str, Any]:
-        """The figures the ledger records for this variant."""
+    def metrics(self) -> dict[str, Any]:
+        """The figures the PTQ record keeps for this variant."""
         return {"target": self.target, "val_top1": self.val_top1,
                 "top1_drop_vs_fp32": round(self.top1_drop_vs_fp32, 6),
                 "agreement_with_fp32": self.agreement_with_fp32, "latency_ms_b1": round(self.latency_ms_b1, 3),
@@ -315,9 +320,9 @@ def ptq_metrics(fp32: VariantResult, variants: Sequence[VariantResult], ablation
     best = best_cpu_variant(variants)
     qdq = best_tensorrt_variant(variants)
     metrics: dict[str, Any] = {
-        "fp32": {k: v for k, v in fp32.ledger().items()
+        "fp32": {k: v for k, v in fp32.metrics().items()
                  if k in ("val_top1", "latency_ms_b1", "latency_ms_b8", "size_mb")},
-        "variants": {v.name: v.ledger() for v in variants},
+        "variants": {v.name: v.metrics() for v in variants},
         "calibration_images": len(calibration), "calibration_sha256": calibration.sha256[:16],
         "seed": calibration.seed, "calibration_batch": calibration.batch_size,
         "ablation": {"method": ablation_method,

@@ -8,8 +8,8 @@ model is exactly a PTQ model; a short fine-tune at a small learning rate then le
 adapt to the grid. The same fine-tune also helps an FP32 model, so the honest comparison trains
 FP32 for the same steps too.
 
-QAT starts from the model the course deploys (``onnx_export.deployed_model``: pruned when notebook 03
-made one, else fine-tuned), the same network notebook 06 quantized after training.
+QAT starts from the model the course deploys (``core.ledger.deployed_model``: the pruned model only when
+it met its target, else the fine-tuned one), the same network notebook 06 quantized after training.
 Training reuses ``finetune.fit`` (checkpoints, resume, seeded epochs) in its own run folders under
 ``<workspace>/int8``; the Q/DQ ONNX is exported with the TorchScript exporter (the dynamo exporter
 cannot trace ModelOpt's quantizers) and checked in ONNX Runtime against the fake-quant model.
@@ -28,16 +28,11 @@ import numpy as np
 from course_utils.core.artifacts import DeployedModel, QatRecord
 from course_utils.core.atomic import write_json_atomic
 from course_utils.core.config import CourseConfig
-from course_utils.core.errors import CourseError
 from course_utils.core.lazy import lazy_import
 from course_utils.deploy.calibration import CalibrationSet
 from course_utils.deploy.ptq import build_or_reuse, calibration_batch, int8_dir, key_digest, quiet_quantizers
 
 RunKind = Literal["qat", "fp32"]
-
-
-class QatError(CourseError, RuntimeError):
-    """A QAT step that cannot run as asked; the message says what to do."""
 
 
 def qat_config(config: CourseConfig) -> CourseConfig:
@@ -209,8 +204,8 @@ class QatResult:
     parity: Parity
     quantizers: int
 
-    def ledger(self) -> dict[str, Any]:
-        """The ledger's ``qat`` figures."""
+    def metrics(self) -> dict[str, Any]:
+        """The QAT record's figures."""
         return {"val_top1": self.val_top1, "top1_drop_vs_fp32": round(self.val_top1_fp32 - self.val_top1, 6),
                 "val_top1_ptq_same_recipe": self.val_top1_ptq_same_recipe,
                 "ptq_top1_drop_vs_fp32": round(self.val_top1_fp32 - self.val_top1_ptq_same_recipe, 6),
@@ -239,7 +234,7 @@ def save_record(config: CourseConfig, deployed: DeployedModel, result: QatResult
         onnx=FileRef.of(result.onnx_path, config.workspace), made_from={"model": deployed.sha256},
         settings={"quant": config.quant.model_dump(), "export": config.export.model_dump()},
         tools={"modelopt": package_version("modelopt"), "torch": package_version("torch")},
-        metrics=result.ledger()))
+        metrics=result.metrics()))
 
 
 def run(config: CourseConfig) -> QatResult:

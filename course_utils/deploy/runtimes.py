@@ -12,6 +12,10 @@ Runners: ``TorchRunner`` (PyTorch eager, CPU or CUDA; in ``course_utils.vision.i
 (an engine through Polygraphy's ``TrtRunner``). Every runner copies its input in and its output out, so all
 are timed end to end alike. ``Runner``, ``Latency`` and the one timer, ``measure_latency``, live in
 ``course_utils.core.timing``: the zoo, the ONNX stage, this benchmark and the INT8 stage all time with it.
+
+``run_benchmark(config)`` is the benchmark stage: every runner of the model that ships (``deployed_model``),
+timed and checked on the validation split, saved as the ``BenchmarkRecord`` (engine build times are in the
+engines record).
 """
 
 from __future__ import annotations
@@ -25,8 +29,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from course_utils.core.config import CourseConfig
+from course_utils.core.environment import package_version, tensorrt_version
 from course_utils.core.lazy import lazy_import
-from course_utils.core.timing import Latency, Runner, RuntimeUnavailableError, measure_latency
+from course_utils.core.timing import (
+    Latency,
+    Runner,
+    RuntimeUnavailableError,
+    compare_threads,
+    measure_latency,
+)
 from course_utils.vision.inference import TorchRunner
 
 if TYPE_CHECKING:
@@ -113,10 +124,8 @@ def ptq_cpu_model(config: CourseConfig, onnx_sha256: str) -> Path | None:
     from course_utils.core.artifacts import PtqRecord
     from course_utils.core.ledger import Ledger
 
-    record = Ledger(config.workspace).load(PtqRecord)
-    if record is None or record.cpu_int8 is None or record.made_from.get("onnx") != onnx_sha256:
-        return None
-    return record.cpu_int8.resolve(config.workspace) if record.cpu_int8.problem(config.workspace) is None else None
+    record = Ledger(config.workspace).current(PtqRecord, made_from={"onnx": onnx_sha256})
+    return record.cpu_int8.resolve(config.workspace) if record is not None and record.cpu_int8 else None
 
 
 def course_runners(model: Any, onnx_path: Path, threads: int, int8_path: Path | None = None,
@@ -196,9 +205,11 @@ def results_markdown(results: Sequence[RuntimeResult]) -> str:
     return markdown_table(results_rows(results))
 
 
-def ledger_metrics(results: Sequence[RuntimeResult], build_seconds: dict[str, float] | None = None
-                   ) -> dict[str, dict[str, Any]]:
-    """The ledger's ``engines`` figures per runtime and precision: p50 at batch 1 and 8, throughput, top-1."""
+def benchmark_metrics(results: Sequence[RuntimeResult]) -> dict[str, dict[str, Any]]:
+    """The benchmark record's figures per runtime: device, threads, p50 at batch 1 and 8, throughput, top-1.
+
+    TensorRT build times live in the engines record (``tensorrt_engines.build_metrics``), not here.
+    """
     metrics: dict[str, dict[str, Any]] = {}
     for result in results:
         entry: dict[str, Any] = {"device": result.device, "threads": result.threads}
@@ -209,8 +220,6 @@ def ledger_metrics(results: Sequence[RuntimeResult], build_seconds: dict[str, fl
             entry["throughput_b8"] = round(result.latencies[8].throughput, 2)
         if result.val_top1 is not None:
             entry["val_top1"] = result.val_top1
-        if build_seconds and result.key in build_seconds:
-            entry["build_seconds"] = round(build_seconds[result.key], 3)
         metrics[result.key] = entry
     return metrics
 
@@ -219,16 +228,6 @@ def speedup(results: Sequence[RuntimeResult], faster: str, baseline: str, batch:
     """How many times the throughput of runner ``faster`` is that of ``baseline`` at ``batch``."""
     by_key = {r.key: r for r in results}
     return by_key[faster].latencies[batch].throughput / by_key[baseline].latencies[batch].throughput
-
-
-def compare_threads(make_runner: Callable[[int], Runner], counts: Sequence[int], batch: int, input_size: int,
-                    warmup: int, iterations: int) -> dict[int, Latency]:
-    """Latency of the same model at each intra-op thread count (one runner per count, closed after use)."""
-    timings = {}
-    for count in counts:
-        with make_runner(count) as runner:
-            timings[count] = measure_latency(runner, batch, input_size, warmup, iterations)
-    return timings
 
 
 @dataclass
@@ -244,12 +243,13 @@ def run_benchmark(config: CourseConfig, thread_counts: Sequence[int] = (1, 2)) -
     """The benchmark stage: every runtime of the model that ships, on the validation split, side by side.
 
     PyTorch and ONNX Runtime FP32 always; ONNX Runtime INT8 when notebook 06 made it from this ONNX; TensorRT
-    engines when this machine built them. Also times ONNX Runtime at each of ``thread_counts``. Notebook 05,
-    ``python -m course_utils benchmark`` and the final benchmark call this; runners are closed whatever happens.
+    engines when this machine built them. Also times ONNX Runtime at each of ``thread_counts``. Notebook 05
+    and ``python -m course_utils benchmark`` call this (rerun after notebook 06, it adds the INT8 row);
+    runners are closed whatever happens.
     """
     from course_utils.core.artifacts import BenchmarkRecord
     from course_utils.core.ledger import Ledger
-    from course_utils.deploy.tensorrt_engines import built_engines, onnx_model
+    from course_utils.deploy.tensorrt_engines import engines_here, onnx_model
     from course_utils.vision.data import resolve_dataset
     from course_utils.vision.deployment import load_deployed
 
@@ -258,7 +258,7 @@ def run_benchmark(config: CourseConfig, thread_counts: Sequence[int] = (1, 2)) -
     onnx = onnx_model(config)
     images, labels = validation_arrays(resolve_dataset(config).samples["val"], model.preprocessing.eval_transform())
     int8 = ptq_cpu_model(config, onnx.sha256)
-    runners = course_runners(model, onnx.path, bench.threads, int8, built_engines(config, onnx),
+    runners = course_runners(model, onnx.path, bench.threads, int8, engines_here(config, onnx),
                              config.engine.batch_max)
     try:
         results = benchmark(runners, bench.batch_sizes, onnx.input_size, bench.warmup, bench.iterations, images, labels)
@@ -267,13 +267,14 @@ def run_benchmark(config: CourseConfig, thread_counts: Sequence[int] = (1, 2)) -
             runner.close()
     threads = compare_threads(lambda n: OrtRunner(onnx.path, threads=n), thread_counts, batch=max(bench.batch_sizes),
                               input_size=onnx.input_size, warmup=bench.warmup, iterations=bench.iterations)
-    metrics: dict[str, Any] = {**ledger_metrics(results),
+    metrics: dict[str, Any] = {**benchmark_metrics(results),
                                "onnxruntime_threads_p50_ms": {str(n): round(lat.p50_ms, 2) for n, lat in threads.items()}}
     if 8 in bench.batch_sizes:
         metrics["onnxruntime_vs_pytorch_b8"] = round(speedup(results, "onnxruntime_fp32", "pytorch_fp32"), 3)
     made_from = {"model": deployed.sha256, "onnx": onnx.sha256}
     record = Ledger(config.workspace).save(BenchmarkRecord(
         made_from=made_from, settings={"benchmark": bench.model_dump(), "int8": int8 is not None},
-        metrics=metrics))
+        tools={"onnxruntime": package_version("onnxruntime"), "torch": package_version("torch"),
+               "tensorrt": tensorrt_version()}, metrics=metrics))
     return BenchmarkResult(results, threads, record)
 

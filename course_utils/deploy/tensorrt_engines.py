@@ -11,6 +11,11 @@ Polygraphy's lazy loaders do the building (``NetworkFromOnnxPath`` -> ``CreateCo
 nothing: the memory-pool and calibrator types, and reading a built engine's profiles back. That code
 is type-checked against ``tensorrt-stubs`` (``make typecheck``). Everything that needs no GPU
 (profiles, file names, cache keys, routes, command lines) is plain Python that works without TensorRT.
+
+``run(config)`` is the stage (notebook 05, ``build-engine``, ``prepare-demo``): it plans every configured
+precision for the ONNX stage's export of the model that ships, builds the engines where TensorRT and a GPU
+are, and saves the ``EnginesRecord`` (the engines built here and their build times; none without TensorRT
+or a GPU, where only the returned plans show a Jetson user's commands).
 """
 
 from __future__ import annotations
@@ -228,7 +233,7 @@ def onnx_model(config: CourseConfig) -> OnnxModel:
     from course_utils.core.ledger import Ledger, deployed_model
 
     ledger = Ledger(config.workspace)
-    record = ledger.require(OnnxRecord, made_from={"model": deployed_model(ledger).sha256})
+    record = ledger.require(OnnxRecord, made_from={"model": deployed_model(ledger, config).sha256})
     return OnnxModel(record.optimized.resolve(config.workspace), record.optimized.sha256, record.input_name,
                      record.output_name, record.input_size)
 
@@ -613,11 +618,8 @@ def qdq_onnx_path(config: CourseConfig, model: OnnxModel) -> Path | None:
     from course_utils.core.artifacts import PtqRecord
     from course_utils.core.ledger import Ledger
 
-    record = Ledger(config.workspace).load(PtqRecord)
-    if record is None or record.tensorrt_qdq is None or record.made_from.get("onnx") != model.sha256:
-        return None
-    path = record.tensorrt_qdq.resolve(config.workspace)
-    return path if record.tensorrt_qdq.problem(config.workspace) is None else None
+    record = Ledger(config.workspace).current(PtqRecord, made_from={"onnx": model.sha256})
+    return record.tensorrt_qdq.resolve(config.workspace) if record is not None and record.tensorrt_qdq else None
 
 
 def course_plans(config: CourseConfig, model: OnnxModel, tensorrt: str, gpu: Gpu
@@ -654,14 +656,23 @@ def build_course_engines(config: CourseConfig, dataset: ImageFolderDataset, mode
     return builds
 
 
-def built_engines(config: CourseConfig, model: OnnxModel) -> dict[str, Path]:
-    """Engines already built for this model on this machine's GPU and TensorRT (precision -> file)."""
-    installed, gpu = tensorrt_version(), detect_gpu()
-    if installed is None or gpu is None:
+def engines_here(config: CourseConfig, model: OnnxModel) -> dict[str, Path]:
+    """The engines the engine stage recorded for ``model`` that run here (precision -> file).
+
+    Only a record made from this very ONNX, on this machine's TensorRT version and GPU, counts: an engine
+    runs only where it was built, and one of another export is never paired with this model.
+    """
+    from course_utils.core.artifacts import EnginesRecord
+    from course_utils.core.ledger import Ledger
+
+    installed = tensorrt_version()
+    if installed is None:  # no TensorRT: no engine can run (and no GPU query is needed)
         return {}
-    plans = course_plans(config, model, installed, gpu)
-    return {precision: plan.engine_path for precision, plan in plans.items()
-            if isinstance(plan, EnginePlan) and reusable_engine(plan)}
+    record = Ledger(config.workspace).current(EnginesRecord, made_from={"onnx": model.sha256})
+    gpu = detect_gpu()
+    if record is None or gpu is None or record.tensorrt != installed or record.gpu != gpu.name:
+        return {}
+    return {precision: ref.resolve(config.workspace) for precision, ref in record.engines.items()}
 
 
 def build_metrics(builds: dict[str, EngineBuild | EngineBuildError]) -> dict[str, Any]:
@@ -683,11 +694,12 @@ class EnginesResult:
     plans: dict[str, EnginePlan | EngineBuildError]
     builds: dict[str, EngineBuild | EngineBuildError]
     record: EnginesRecord
+    not_built_because: str | None  # None when this machine built (or tried to build) the engines
 
     @property
-    def built_here(self) -> bool:
-        """True when this machine has TensorRT and a GPU and the stage built (or reused) engines."""
-        return bool(self.builds)
+    def built(self) -> dict[str, EngineBuild]:
+        """The engines that were built or reused, by precision (failed precisions left out)."""
+        return {precision: made for precision, made in self.builds.items() if isinstance(made, EngineBuild)}
 
 
 def run(config: CourseConfig, plan_for: str | None = None) -> EnginesResult:
@@ -711,18 +723,21 @@ def run(config: CourseConfig, plan_for: str | None = None) -> EnginesResult:
     gpu = gpu_here if build_here and gpu_here is not None else JETSON_ORIN
     plans = course_plans(config, model, target, gpu)
     builds: dict[str, EngineBuild | EngineBuildError] = {}
+    not_built_because = None if build_here else (
+        f"asked for the plan of TensorRT {plan_for}" if plan_for else
+        f"this machine has TensorRT {installed or 'none'} and CUDA GPU {gpu_here.name if gpu_here else 'none'}")
     if build_here:
-        transform = entry(deployed_model(ledger).backbone).preprocessing.eval_transform()
+        transform = entry(deployed_model(ledger, config).backbone).preprocessing.eval_transform()
         builds = build_course_engines(config, resolve_dataset(config), model, transform)
     record = EnginesRecord(
         engines={p: FileRef.of(b.plan.engine_path, config.workspace) for p, b in builds.items()
                  if isinstance(b, EngineBuild)},
         tensorrt=installed, gpu=gpu.name if build_here else None, made_from={"onnx": model.sha256},
         settings={"engine": config.engine.model_dump(), "planned_for_tensorrt": target},
-        metrics=build_metrics(builds))
+        tools={"tensorrt": installed, "polygraphy": package_version("polygraphy")}, metrics=build_metrics(builds))
     if plan_for is None:
         ledger.save(record)
-    return EnginesResult(model, target, gpu, plans, builds, record)
+    return EnginesResult(model, target, gpu, plans, builds, record, not_built_because)
 
 
 def plans_text(plans: dict[str, EnginePlan | EngineBuildError]) -> str:

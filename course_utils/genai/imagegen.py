@@ -494,7 +494,7 @@ def round_trip(classifier: Classifier, generation: Generation, subject: str, k: 
                             generation.real_weights)
 
 
-def ledger_metrics(generation: Generation, generator: ImageGenerator, trip: RoundTrip | None = None) -> dict[str, Any]:
+def stage_metrics(generation: Generation, generator: ImageGenerator, trip: RoundTrip | None = None) -> dict[str, Any]:
     """The ledger's ``imagegen`` figures for one generation (and its round trip)."""
     metrics: dict[str, Any] = {
         "model": generation.model, "real_weights": generation.real_weights, "steps": generation.steps,

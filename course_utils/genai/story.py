@@ -562,6 +562,3 @@ def story_metrics(stories: list[StoryResult], redteam: list[Any], overhead: Over
                        unguarded_story_s=statistics.median(overhead.unguarded_s),
                        guarded_story_s=statistics.median(overhead.guarded_s))
     return {k: v for k, v in metrics.items() if v is not None}
-
-
-# --- Exercise ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -184,21 +185,19 @@ def inspect_image(path: Path) -> tuple[str | None, str | None]:
     return None, conversion
 
 
-def check_image(path: Path) -> str | None:
-    """Why ``path`` cannot be used as a training image, or None when it can."""
-    return inspect_image(path)[0]
-
-
 def _scale_to_8_bits(image: Image.Image) -> Image.Image:
     """16-bit greyscale as 8-bit ``L``: 0..65535 maps onto 0..255 (divided by 257, rounded), not clipped at 255."""
     pixels = np.clip(np.asarray(image).astype(np.float64), 0, 65535)
     return Image.fromarray(np.rint(pixels / 257).astype(np.uint8))
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image as 8-bit RGB; transparency is composited on white, palettes are expanded, CMYK is
-    converted and 16-bit greyscale is scaled to 8 bits."""
-    with Image.open(path) as image:
+def load_rgb(source: str | Path | BinaryIO) -> Image.Image:
+    """Open an image (a path, or a binary file object such as an upload's ``BytesIO``) as 8-bit RGB.
+
+    Transparency is composited on white, palettes are expanded, CMYK is converted and 16-bit greyscale
+    is scaled to 8 bits: training, evaluation and the app all see the same pixels.
+    """
+    with Image.open(source) as image:
         if image.mode in SIXTEEN_BIT_GREY_MODES:
             return _scale_to_8_bits(image).convert("RGB")
         if image.mode in {"RGBA", "LA", "PA"} or (image.mode == "P" and "transparency" in image.info):
@@ -301,14 +300,9 @@ def _download_remote(spec: RemoteDataset, cache: Path) -> Path:
         raise DatasetError(str(error)) from None
     target = cache / spec.name
     if not (target / spec.folder).is_dir():
-        _fill_atomically(target, lambda tmp: shutil.unpack_archive(archive, tmp))
+        with atomic_directory(target) as tmp:  # filled beside target, then swapped in: never half-unpacked
+            shutil.unpack_archive(archive, tmp)
     return target / spec.folder
-
-
-def _fill_atomically(target: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a fresh temporary folder beside ``target``, then swap it in: no half-built folder survives."""
-    with atomic_directory(target) as tmp:
-        fill(tmp)
 
 
 def _locate_remote(spec: RemoteDataset, config: CourseConfig, online: bool) -> tuple[Path, str]:
@@ -334,12 +328,9 @@ def _build_local(spec: BuiltDataset, config: CourseConfig) -> Path:
     marker = target / "built.json"
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return target
-
-    def fill(tmp: Path) -> None:
+    with atomic_directory(target) as tmp:  # filled beside target, then swapped in: never half-built
         spec.builder(tmp, config.seed)
         write_text_atomic(tmp / "built.json", json.dumps(stamp))
-
-    _fill_atomically(target, fill)
     return target
 
 

@@ -27,14 +27,14 @@ def load_deployed(config: CourseConfig) -> tuple[Classifier, DeployedModel]:
 
     A missing fine-tuned model raises ``MissingArtifactError`` naming notebook 02; nothing is trained here.
     """
-    deployed = deployed_model(Ledger(config.workspace))
+    deployed = deployed_model(Ledger(config.workspace), config)
     return load_model(deployed, config.workspace), deployed
 
 
 def load_finetuned(config: CourseConfig) -> Classifier:
     """The fine-tuned model of notebook 02 (the pruning stage's starting point); nothing is trained here."""
-    from course_utils.core.artifacts import FinetuneRecord
+    from course_utils.core.ledger import finetuned_model
     from course_utils.vision.zoo import load_classifier
 
-    record = Ledger(config.workspace).require(FinetuneRecord)
+    record = finetuned_model(Ledger(config.workspace), config)
     return load_classifier(record.checkpoint.resolve(config.workspace))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from course_utils.core.atomic import atomic_path
 from course_utils.core.config import CourseConfig, TrainConfig
-from course_utils.core.environment import seed_everything
+from course_utils.core.environment import package_version, seed_everything
 from course_utils.vision.data import ImageFolderDataset, load_rgb
 from course_utils.vision.zoo import Classifier
 
@@ -296,7 +296,6 @@ def train_classifier(config: CourseConfig, dataset: ImageFolderDataset, pretrain
 def summary(model: Classifier, result: TrainResult, evaluation: Evaluation, dataset: ImageFolderDataset) -> dict[str, Any]:
     """The figures the ledger records for a fine-tuning run."""
     return {
-        "backbone": model.backbone, "dataset": dataset.name, "weights": model.weights,
         "val_top1": evaluation.top1, "per_class_top1": evaluation.per_class_top1,
         "epochs": len(result.history), "best_epoch": result.best_epoch + 1,
         "train_seconds": round(sum(r.seconds for r in result.history), 2),
@@ -334,6 +333,7 @@ def run(config: CourseConfig, dataset: ImageFolderDataset | None = None, pretrai
         checkpoint=FileRef.of(saved, config.workspace), backbone=model.backbone, dataset=dataset.name,
         classes=list(model.classes), weights=model.weights, settings={"train": config.train.model_dump(),
                                                                       "seed": config.seed},
+        tools={name: package_version(name) for name in ("torch", "torchvision", "timm", "mmpretrain")},
         metrics=summary(model, training, evaluation, dataset))
     Ledger(config.workspace).save(record)
     return FinetuneResult(model, training, evaluation, record)

@@ -437,16 +437,21 @@ def prune_and_retrain(model: Classifier, dataset: ImageFolderDataset, config: Co
     """Prune ``model`` (by ``ratio`` or ``threshold``), evaluate, retrain with ``finetune.fit``, measure.
 
     Results live in ``<workspace>/prune/<key>`` (key: weights, request, settings, data, library version):
-    a rerun reuses them, and an interrupted retraining resumes. Ratio 0.0 measures the unpruned model.
+    a rerun reuses them, and an interrupted retraining resumes. Params, MACs and latencies are measured once
+    and kept in ``measured.json``, remeasured only when ``config.benchmark``'s warmup, iterations or threads
+    change. Ratio 0.0 measures the unpruned model.
     """
     from course_utils.vision.finetune import evaluate, fit
 
     key = _run_key(model, dataset, config, {"ratio": ratio, "threshold": threshold})
     folder = config.workspace / "prune" / key
     model_file, result_file = folder / "pruned.pt", folder / "accuracy.json"
+    measured_file = folder / "measured.json"
+    pruned: Classifier | None = None
     if model_file.exists() and result_file.exists():
-        pruned, accuracy = load_pruned(model_file), json.loads(result_file.read_text())
+        accuracy = json.loads(result_file.read_text())
     else:
+        measured_file.unlink(missing_ok=True)  # figures measured on an earlier model of this folder
         pruned = prune_classifier(model, ratio, threshold, config.prune.importance, config.prune.granularity,
                                   config.prune.min_channels, samples=dataset.samples["train"])
         before = evaluate(pruned, dataset.samples["val"], config.train.batch_size).top1
@@ -456,18 +461,51 @@ def prune_and_retrain(model: Classifier, dataset: ImageFolderDataset, config: Co
             accuracy.update(after=result.best_val_top1, seconds=round(result.train_seconds, 1))
         save_pruned(pruned, model_file)
         write_json_atomic(result_file, accuracy)
-    macs, params = macs_and_params(pruned)
-    size, threads = pruned.preprocessing.input_size, config.benchmark.threads
-    runs_timed = {"warmup": config.benchmark.warmup, "iterations": config.benchmark.iterations}
-    recipe = pruning_record(pruned)["recipe"]
+    measured = _cached_measurement(config, measured_file)
+    if measured is None:
+        measured = _measure(pruned if pruned is not None else load_pruned(model_file), config, measured_file)
     return PrunedRun(
-        ratio=ratio, threshold=threshold, effective_ratio=recipe["effective_ratio"], params=params, macs=macs,
-        file_mb=round(model_file.stat().st_size / 2**20, 2),
-        latency_ms_b1=round(cpu_latency_ms(pruned, size, batch=1, threads=threads, **runs_timed), 2),
-        latency_ms_b8=round(cpu_latency_ms(pruned, size, batch=8, threads=threads, **runs_timed), 2),
+        ratio=ratio, threshold=threshold, effective_ratio=measured["effective_ratio"], params=measured["params"],
+        macs=measured["macs"], file_mb=round(model_file.stat().st_size / 2**20, 2),
+        latency_ms_b1=measured["latency_ms_b1"], latency_ms_b8=measured["latency_ms_b8"],
         val_top1_before_retrain=accuracy["before"], val_top1_after_retrain=accuracy["after"],
         retrain_seconds=accuracy["seconds"], model_path=str(model_file),
     )
+
+
+def _benchmark_settings(config: CourseConfig) -> dict[str, int]:
+    """The ``benchmark`` settings that the cached latencies were timed with."""
+    return {"warmup": config.benchmark.warmup, "iterations": config.benchmark.iterations,
+            "threads": config.benchmark.threads}
+
+
+def _cached_measurement(config: CourseConfig, measured_file: Path) -> dict[str, Any] | None:
+    """The figures in ``measured_file`` when they were timed with today's ``benchmark`` settings, else None."""
+    try:
+        measured = json.loads(measured_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(measured, dict) and measured.get("benchmark") == _benchmark_settings(config):
+        return measured
+    return None
+
+
+def _measure(pruned: Classifier, config: CourseConfig, measured_file: Path) -> dict[str, Any]:
+    """Params, MACs and CPU latencies (batch 1 and 8) of ``pruned``, stored in ``measured_file``.
+
+    ``prune_and_retrain`` measures once per ``benchmark`` settings, so every later call (the notebook's
+    sweep, the stage's ``run``) reports the same figures instead of timing the model again.
+    """
+    macs, params = macs_and_params(pruned)
+    size, settings = pruned.preprocessing.input_size, _benchmark_settings(config)
+    measured = {
+        "benchmark": settings, "effective_ratio": pruning_record(pruned)["recipe"]["effective_ratio"],
+        "params": params, "macs": macs,
+        **{f"latency_ms_b{batch}": round(cpu_latency_ms(pruned, size, batch=batch, **settings), 2)
+           for batch in (1, 8)},
+    }
+    write_json_atomic(measured_file, measured)
+    return measured
 
 
 def sweep(model: Classifier, dataset: ImageFolderDataset, config: CourseConfig,
@@ -484,7 +522,11 @@ def kept_run(model: Classifier, dataset: ImageFolderDataset, config: CourseConfi
 
 
 def keep(run: PrunedRun, config: CourseConfig) -> Path:
-    """Copy the chosen pruned model to ``<workspace>/models/pruned.pt``, where the export stage finds it."""
+    """Copy the chosen pruned model to ``<workspace>/models/pruned.pt``, the file the pruning record names.
+
+    Later stages find it through that record (``core.ledger.deployed_model``), and ship it only when it met
+    its target.
+    """
     from course_utils.vision.finetune import models_dir
 
     target = models_dir(config) / "pruned.pt"
@@ -532,20 +574,27 @@ def _sweep_entry(run: PrunedRun) -> dict[str, Any]:
 
 def meets_target(macs_reduction: float, top1_drop: float, config: CourseConfig) -> bool:
     """Whether a pruned model earns its place: enough MACs removed, little enough top-1 lost (``prune`` targets)."""
-    return macs_reduction >= config.prune.target_macs_reduction and top1_drop <= config.prune.max_top1_drop
+    from course_utils.core.artifacts import pruning_pays
+
+    return pruning_pays(macs_reduction, top1_drop, config.prune)
 
 
 def target_words(config: CourseConfig) -> str:
     """The pruning target in words, for the ledger and the notebook."""
-    return (f"≥ {config.prune.target_macs_reduction:.0%} fewer MACs within {config.prune.max_top1_drop * 100:g} "
-            "point(s) of the unpruned top-1")
+    from course_utils.core.artifacts import target_words as words
+
+    return words(config.prune)
 
 
-def stage_metrics(unpruned: PrunedRun, kept: PrunedRun, runs: list[PrunedRun], model_path: Path,
+def _reduction_and_drop(unpruned: PrunedRun, kept: PrunedRun) -> tuple[float, float]:
+    """The fraction of MACs the kept model removed, and the top-1 it lost against the unpruned model."""
+    return 1 - kept.macs / unpruned.macs, unpruned.val_top1_before_retrain - kept.val_top1_after_retrain
+
+
+def stage_metrics(unpruned: PrunedRun, kept: PrunedRun, runs: list[PrunedRun],
                   config: CourseConfig) -> dict[str, Any]:
     """What the ledger records under ``prune``: the kept model against the unpruned one, plus the sweep."""
-    reduction = 1 - kept.macs / unpruned.macs
-    drop = unpruned.val_top1_before_retrain - kept.val_top1_after_retrain
+    reduction, _ = _reduction_and_drop(unpruned, kept)
     return {
         "ratio": kept.ratio if kept.ratio is not None else kept.effective_ratio, "threshold": kept.threshold,
         "importance": config.prune.importance, "granularity": config.prune.granularity,
@@ -556,10 +605,8 @@ def stage_metrics(unpruned: PrunedRun, kept: PrunedRun, runs: list[PrunedRun], m
         "val_top1_unpruned": unpruned.val_top1_before_retrain,
         "val_top1_before_retrain": kept.val_top1_before_retrain,
         "val_top1_after_retrain": kept.val_top1_after_retrain,
-        "meets_target": meets_target(reduction, drop, config),
         "latency_ms_b1_before": unpruned.latency_ms_b1, "latency_ms_b1_after": kept.latency_ms_b1,
         "latency_ms_b8_before": unpruned.latency_ms_b8, "latency_ms_b8_after": kept.latency_ms_b8,
-        "model_path": str(model_path.relative_to(config.workspace)),
         "sweep": {f"ratio_{run.ratio:g}": _sweep_entry(run) for run in runs},
     }
 
@@ -581,22 +628,27 @@ def run(config: CourseConfig, dataset: ImageFolderDataset | None = None) -> Prun
     Notebook 03 and ``python -m course_utils prune`` call this; every pruned run is cached, so after the
     notebook's own sweep it returns at once. Needs the fine-tuning stage's record (else it says to run it).
     """
-    from course_utils.core.artifacts import FileRef, FinetuneRecord, PruneRecord
-    from course_utils.core.ledger import Ledger, deployed_model
+    from course_utils.core.artifacts import FileRef, PruneRecord
+    from course_utils.core.ledger import Ledger, deployed_model, finetuned_model
     from course_utils.vision.data import resolve_dataset
     from course_utils.vision.zoo import load_classifier
 
     ledger = Ledger(config.workspace)
-    finetuned = ledger.require(FinetuneRecord)
+    finetuned = finetuned_model(ledger, config)  # stale when the spec names another backbone than it was made of
     model, dataset = load_classifier(finetuned.checkpoint.resolve(config.workspace)), dataset or resolve_dataset(config)
     runs = sweep(model, dataset, config)
-    unpruned = prune_and_retrain(model, dataset, config, ratio=0.0)
-    kept = kept_run(model, dataset, config)
+    by_ratio = {run.ratio: run for run in runs}  # the sweep's runs, reused rather than fetched again
+    unpruned = by_ratio[0.0] if 0.0 in by_ratio else prune_and_retrain(model, dataset, config, ratio=0.0)
+    if config.prune.threshold is None and config.prune.ratio in by_ratio:
+        kept = by_ratio[config.prune.ratio]
+    else:
+        kept = kept_run(model, dataset, config)
     path = keep(kept, config)
-    metrics = stage_metrics(unpruned, kept, runs, path, config)
+    reduction, drop = _reduction_and_drop(unpruned, kept)
     record = ledger.save(PruneRecord(
-        model=FileRef.of(path, config.workspace), meets_target=metrics.pop("meets_target"),
-        target=target_words(config), made_from={"finetuned": finetuned.checkpoint.sha256},
+        model=FileRef.of(path, config.workspace), meets_target=meets_target(reduction, drop, config),
+        target=target_words(config), macs_reduction=round(reduction, 4), top1_drop=round(drop, 4),
+        made_from={"finetuned": finetuned.checkpoint.sha256},
         settings={"prune": config.prune.model_dump()}, tools={"torch_pruning": package_version("torch_pruning")},
-        metrics={k: v for k, v in metrics.items() if k != "model_path"}))
-    return PruneResult(runs, unpruned, kept, record, deployed_model(ledger))
+        metrics=stage_metrics(unpruned, kept, runs, config)))
+    return PruneResult(runs, unpruned, kept, record, deployed_model(ledger, config))

@@ -421,8 +421,9 @@ def cpu_latency_ms(model: nn.Module, input_size: int, batch: int = 1, threads: i
                    iterations: int = 20) -> float:
     """p50 CPU latency (ms) of one forward pass, timed by the course's one timer over a ``TorchRunner``.
 
-    ``course_utils.core.timing.measure_latency`` times every stage alike; ``warmup`` and ``iterations``
-    default to the spec's ``benchmark`` defaults (pass the config's). PyTorch's thread count is restored.
+    ``course_utils.core.timing.measure_latency`` times every stage alike; ``threads``, ``warmup`` and
+    ``iterations`` have fixed defaults, not the spec's: pass ``config.benchmark``'s to time as the spec says
+    (the pruning sweep does). PyTorch's thread count is restored.
     """
     from course_utils.core.timing import measure_latency
     from course_utils.vision.inference import TorchRunner
