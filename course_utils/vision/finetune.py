@@ -293,8 +293,8 @@ def train_classifier(config: CourseConfig, dataset: ImageFolderDataset, pretrain
     return model, result, evaluate(model, dataset.samples["val"], config.train.batch_size)
 
 
-def summary(model: Classifier, result: TrainResult, evaluation: Evaluation, dataset: ImageFolderDataset) -> dict[str, Any]:
-    """The figures the ledger records for a fine-tuning run."""
+def summary(result: TrainResult, evaluation: Evaluation) -> dict[str, Any]:
+    """The figures the fine-tuning record keeps (backbone, dataset and weights are fields of the record)."""
     return {
         "val_top1": evaluation.top1, "per_class_top1": evaluation.per_class_top1,
         "epochs": len(result.history), "best_epoch": result.best_epoch + 1,
@@ -334,6 +334,6 @@ def run(config: CourseConfig, dataset: ImageFolderDataset | None = None, pretrai
         classes=list(model.classes), weights=model.weights, settings={"train": config.train.model_dump(),
                                                                       "seed": config.seed},
         tools={name: package_version(name) for name in ("torch", "torchvision", "timm", "mmpretrain")},
-        metrics=summary(model, training, evaluation, dataset))
+        metrics=summary(training, evaluation))
     Ledger(config.workspace).save(record)
     return FinetuneResult(model, training, evaluation, record)
