@@ -68,11 +68,18 @@ def cmd_run_all(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from course_utils.core.ledger import Ledger
-    from course_utils.core.report import write_report
+    from course_utils.core.report import load_run, write_comparison, write_report
 
     config = _config(args)
-    for path in write_report(Ledger(config.workspace), config.workspace):
+    out = Path(args.out) if args.out else config.workspace
+    if args.compare:
+        paths = write_comparison(load_run(Path(args.compare[0])), load_run(Path(args.compare[1])), out)
+    else:
+        paths = write_report(Ledger(config.workspace), out)
+    for path in paths:
         print(path)
     return 0
 
@@ -91,9 +98,13 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from course_utils.vision import finetune
+    from course_utils.vision import distributed, finetune
 
-    result = finetune.run(_config(args))
+    overrides = _parse_sets(args.set) | ({"train.gpus": args.gpus} if args.gpus is not None else {})
+    config = load_config(args.spec, overrides)
+    if config.train.gpus > 1:
+        print(distributed.plan_launch(config.train.gpus).describe(config.train), file=sys.stderr, flush=True)
+    result = finetune.run(config)
     print(json.dumps({"checkpoint": result.record.checkpoint.path, **result.record.metrics}, indent=2))
     return 0
 
@@ -134,6 +145,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(onnx_export.steps_markdown(stage.artifacts) + "\n")
     print(f"exported the {stage.deployed.kind} model ({stage.deployed.reason})")
     print(json.dumps(stage.record.metrics, indent=2))
+    return 0
+
+
+def cmd_jetson_kit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from course_utils.core.report import markdown_table
+    from course_utils.deploy import jetson_kit
+
+    kit = jetson_kit.run(_config(args), out_dir=Path(args.out) if args.out else None)
+    print(markdown_table(kit.routes_table()) + "\n")
+    print(f"{'reused' if kit.reused else 'wrote'} {kit.folder}\narchive {kit.archive}\n"
+          f"Copy it to the Jetson and follow its README.md (python3 trt_kit.py all).")
+    return 0
+
+
+def cmd_import_results(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from course_utils.core.report import markdown_table
+    from course_utils.deploy import jetson_kit
+
+    record = jetson_kit.import_results(_config(args), Path(args.file))
+    print(markdown_table([{"runtime": key, **row} for key, row in record.metrics.items()]))
+    print(f"saved as the ledger's device_run record: {record.device}")
     return 0
 
 
@@ -179,20 +215,12 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
 def cmd_story(args: argparse.Namespace) -> int:
     from course_utils.genai.story import StoryOptions, storyteller
-    from course_utils.genai.story_rails import (
-        evaluate_rails,
-        load_redteam,
-        rail_configurations,
-        redteam_markdown,
-    )
 
     config = _config(args)
     if args.redteam:
-        teller = storyteller(config, args.rails)
-        items = load_redteam(sample=config.llm.redteam_sample)
-        results = [evaluate_rails(name, items, teller.endpoint) for name in rail_configurations()]
-        print(redteam_markdown(results))
-        return 0
+        return _story_redteam(config, args)
+    if args.file or args.json:
+        raise ConfigError("--file and --json go with --redteam: story --redteam [--file PATH] [--json].")
     options = StoryOptions(args.style, args.theme, args.length, args.language, args.instruction)
     stream = storyteller(config, args.rails).stream(args.labels, options)
     for chunk in stream:
@@ -203,6 +231,40 @@ def cmd_story(args: argparse.Namespace) -> int:
         return 3
     print(f"\n\nimage prompt: {result.image_prompt}\n[{result.rails} rails, {result.timings['total_s']:.1f} s, "
           f"{result.tokens_per_second:.0f} tokens/s, {result.endpoint}]")
+    return 0
+
+
+def _story_redteam(config: CourseConfig, args: argparse.Namespace) -> int:
+    """Every rail configuration on a red-team file (``--file``), or on the dev and frozen test parts."""
+    from pathlib import Path
+
+    from course_utils.genai.safety_classifier import classifier_cache_dir
+    from course_utils.genai.story import storyteller
+    from course_utils.genai.story_rails import (
+        REDTEAM_FILE,
+        REDTEAM_TEST2_FILE,
+        REDTEAM_TEST_FILE,
+        evaluate_rails,
+        load_redteam,
+        rail_configurations,
+        redteam_markdown,
+        safety_models,
+    )
+
+    sets = [(Path(args.file).name, Path(args.file))] if args.file else [
+        ("dev", REDTEAM_FILE), ("test", REDTEAM_TEST_FILE), ("test2", REDTEAM_TEST2_FILE)]
+    loaded = [(name, load_redteam(path, sample=config.llm.redteam_sample, seed=config.seed)) for name, path in sets]
+    teller = storyteller(config, "none")
+    names = list(rail_configurations())
+    ep = teller.endpoint if "self_check" in names else None
+    safety, cache = safety_models(config), classifier_cache_dir(config)
+    results = [evaluate_rails(name, items, ep, split=split, safety=safety, cache_dir=cache)
+               for split, items in loaded for name in names]
+    if args.json:
+        for result in results:
+            print(json.dumps(result.row(), ensure_ascii=False))
+    else:
+        print(redteam_markdown(results))
     return 0
 
 
@@ -230,7 +292,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "doctor": (cmd_doctor, "what this machine has and what the course can do on it"),
     "data": (cmd_data, "list the datasets, or fetch/verify/build the configured one"),
     "run-all": (cmd_run_all, "the main job: run every notebook headless and write the report"),
-    "report": (cmd_report, "rebuild report.md/report.html from the results ledger"),
+    "report": (cmd_report, "rebuild report.md/report.html from the results ledger, or compare two runs"),
     "speak": (cmd_speak, "read a text aloud into a WAV file (the offline voice, or NeMo when available)"),
     "transcribe": (cmd_transcribe, "turn speech in an audio file (WAV, FLAC, MP3, ...) into text"),
     "zoo": (cmd_zoo, "the pretrained model registry: names, sources, sizes, local weights"),
@@ -241,6 +303,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "benchmark": (cmd_benchmark, "latency, throughput and top-1 of every runtime on this machine"),
     "quantize": (cmd_quantize, "INT8 post-training quantization: CPU models (ONNX Runtime) and Q/DQ for TensorRT"),
     "qat": (cmd_qat, "quantization-aware training with ModelOpt, exported as Q/DQ ONNX and checked in ONNX Runtime"),
+    "jetson-kit": (cmd_jetson_kit, "the Jetson deploy kit: a folder and .tar.gz to build and measure engines on the device"),
+    "import-results": (cmd_import_results, "merge a deploy kit's results.json (figures measured on a Jetson) into the ledger"),
     "prepare-demo": (cmd_prepare_demo, "build every artifact the Narrative Canvas app uses, ahead of a live demo"),
     "serve-app": (cmd_serve_app, "serve the Narrative Canvas app as a standalone page (Voila, localhost)"),
     "story": (cmd_story, "a guarded story from classifier labels (streamed), or the red-team table with --redteam"),
@@ -264,11 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--no-network", action="store_true", help="skip the online check")
         elif name == "data":
             command.add_argument("--list", action="store_true", help="list the registry")
+        elif name == "train":
+            command.add_argument("--gpus", type=int, metavar="N",
+                                 help="train on N GPUs with DDP, one process each (CPU processes over gloo without "
+                                      "a GPU); sets train.gpus. $MASTER_PORT picks the rendezvous port")
         elif name == "export":
             command.add_argument("--rebuild", action="store_true", help="export again even if a valid export is cached")
         elif name == "build-engine":
             command.add_argument("--plan-for", metavar="VERSION",
                                  help="print the route and commands for this TensorRT version (e.g. 8.5.2) only")
+        elif name == "jetson-kit":
+            command.add_argument("--out", metavar="DIR", help="write the kit into DIR (default: workspace/jetson-kit)")
+        elif name == "import-results":
+            command.add_argument("file", help="the results.json that `python3 trt_kit.py all` wrote on the device")
         elif name == "serve-app":
             command.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
             command.add_argument("--port", type=int, default=8866, help="port (default 8866)")
@@ -279,14 +351,23 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--length", default="short", help="short, medium or long")
             command.add_argument("--language", default="en", help="en or zh")
             command.add_argument("--instruction", default="", help="your own idea for the story")
-            command.add_argument("--rails", default=None, help="none, self_check, deterministic or guarded "
+            command.add_argument("--rails", default=None, help="a configuration of data/story/rail_configs.yaml "
                                                                "(default: llm.rails)")
-            command.add_argument("--redteam", action="store_true", help="print the red-team table instead")
+            command.add_argument("--redteam", action="store_true", help="score every rail configuration on the "
+                                 "red-team set (dev and frozen test parts) instead of writing a story")
+            command.add_argument("--file", help="with --redteam: your own red-team file (YAML like "
+                                 "data/story/redteam.yaml, or JSON Lines with text and label block/allow)")
+            command.add_argument("--json", action="store_true", help="with --redteam: one JSON row per configuration")
         elif name == "speak":
             command.add_argument("text", help="what to say")
             command.add_argument("--out", help="copy the WAV here (default: print its cached path)")
         elif name == "transcribe":
             command.add_argument("audio", help="an audio file")
+        elif name == "report":
+            command.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                                 help="two runs side by side (compare.md/compare.html): each a workspace folder, or a "
+                                      "folder holding a report.json such as workspace/runs/<timestamp>")
+            command.add_argument("--out", metavar="DIR", help="write into DIR (default: the workspace)")
         elif name == "run-all":
             command.add_argument("--only", nargs="*", help="run only notebooks whose names start with these prefixes")
     return parser

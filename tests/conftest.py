@@ -7,7 +7,7 @@ import http.server
 import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -102,3 +102,24 @@ def fake_llm() -> Iterator[ThreadingHTTPServer]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Unit tests first (they fail fast), then the notebooks in course order."""
     items.sort(key=lambda item: item.get_closest_marker("notebook") is not None)
+
+
+@pytest.fixture
+def qdq_onnx() -> Callable[[Path, str], Path]:
+    """``qdq_onnx(path, "fp16" | "fp32")``: a minimal ONNX whose only weight has that float type, the way ModelOpt's
+    Q/DQ files for strongly and weakly typed TensorRT differ."""
+
+    def make(path: Path, high_precision: str) -> Path:
+        import onnx
+        from onnx import TensorProto, helper
+
+        dtype = TensorProto.FLOAT16 if high_precision == "fp16" else TensorProto.FLOAT
+        weight = helper.make_tensor("w", dtype, [1], [1.0])
+        node = helper.make_node("Add", ["images", "w"], ["logits"])
+        graph = helper.make_graph([node], "qdq", [helper.make_tensor_value_info("images", dtype, [1])],
+                                  [helper.make_tensor_value_info("logits", dtype, [1])], [weight])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(helper.make_model(graph), str(path))
+        return path
+
+    return make

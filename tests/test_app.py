@@ -38,6 +38,8 @@ class FakeStory:
     blocked_by: str | None = None
     message: str = ""
     labels: list[str] = field(default_factory=lambda: ["ants"])
+    rails: str = "deterministic"
+    tokens_per_second: float = 0.0
 
 
 class FakeStream:
@@ -112,10 +114,66 @@ def test_classification_runs_in_batches_no_larger_than_the_engine_takes() -> Non
 
 
 def test_html_fragments_escape_what_they_show() -> None:
-    chart = widgets.top5_html(["<b>x.png"], [[("cat & dog", 0.5)]])
+    chart = widgets.top5_html(["<b>x.png"], [[("cat & dog", 0.5), ("rifle", 0.25)]], hidden={"rifle"})
     assert "&lt;b&gt;x.png" in chart and "cat &amp; dog" in chart and "50.0%" in chart
-    assert "Blocked by the guardrails (keyword)" in widgets.story_html("no", blocked=True, blocked_by="keyword")
-    assert "line<br>two" in widgets.story_html("line\ntwo")
+    assert "rifle" not in chart and "(held back)" in chart
+    assert widgets.story_html("line\ntwo\n\n<i>part</i>") == \
+        "<div class='nc-story'><p>line<br>two</p><p>&lt;i&gt;part&lt;/i&gt;</p></div>"
+
+
+def test_the_message_catalog_has_every_entry_in_both_languages_with_the_same_fields() -> None:
+    from string import Formatter
+
+    from course_utils.app.messages import load_messages
+
+    catalog = load_messages()
+    for section in (catalog.ui, catalog.rails, catalog.choices):
+        for key, words in section.items():
+            assert set(words) == set(catalog.languages), key
+            fields = [{name for _, name, _, _ in Formatter().parse(text) if name} for text in words.values()]
+            assert all(found == fields[0] for found in fields), f"{key}: {fields}"
+
+
+def test_messages_say_which_rail_blocked_in_plain_words() -> None:
+    from course_utils.app.messages import MessageError, messages
+
+    english, chinese = messages("en"), messages("zh")
+    assert english("upload", most=8) == "Photos (≤ 8)" and chinese("upload", most=8) == "照片（≤ 8）"
+    assert english.rail("keyword check input") == "the word filter on the request"
+    assert chinese.rail("label screen").startswith("照片标签筛查")
+    assert english.rail("a new rail") == "a guardrail (a new rail)" and chinese.choice("fable") == "寓言"
+    assert english.rail("keyword check output (image prompt)") == \
+        "the word filter on the story, checking the picture's prompt"
+    assert english.choice("brand_new_style") == "brand new style"
+    with pytest.raises(MessageError, match="no entry 'nope'"):
+        english("nope")
+    with pytest.raises(MessageError, match="not 'fr'"):
+        messages("fr")
+
+
+def test_the_blocked_card_names_the_rail_and_never_the_blocked_text() -> None:
+    from course_utils.app.messages import messages
+
+    card = widgets.blocked_card_html("keyword check output", messages("zh"))
+    assert "故事的关键词过滤" in card and "护栏拦下了这个故事" in card
+    assert "<script>" not in widgets.blocked_card_html("<script>", messages("en"))
+
+
+def test_the_pipeline_strip_shows_the_figures_the_steps_measured() -> None:
+    from course_utils.app.canvas import Figures
+    from course_utils.app.messages import messages
+
+    empty = widgets.figures_html(Figures())
+    assert empty.count("—") == 5 and "nc-active" not in empty
+    figures = Figures(photos=3, runtime="ONNX Runtime INT8", precision="int8", classify_ms=12.4, rails="guarded",
+                      tokens_per_second=23.456, picture_seconds=1.25, picture_steps=2)
+    strip = widgets.figures_html(figures, active="story")
+    for shown in ("3 uploaded", "ONNX Runtime INT8 · 12 ms", "guarded: passed", "23.5 tokens/s",
+                  "1.2 s / picture · 2 steps", "nc-chip nc-active' data-step='story'"):
+        assert shown in strip, shown
+    figures.blocked_by = "semantic check input"
+    assert "被请求的语义检查拦下" in widgets.figures_html(figures, messages("zh"))
+    assert "nc-bad" in widgets.figures_html(figures) and "nc-bad" not in strip
 
 
 def test_only_runtimes_whose_artifacts_exist_are_offered(config: CourseConfig) -> None:
@@ -161,15 +219,43 @@ def test_model_choices_find_the_deployed_model_and_cache_the_rest(config: Course
     assert loaded.classes == ["ants", "bees"]
 
 
-def _canvas(config: CourseConfig, monkeypatch: pytest.MonkeyPatch, stream: FakeStream) -> NarrativeCanvas:
+def _canvas(config: CourseConfig, monkeypatch: pytest.MonkeyPatch, stream: FakeStream,
+            classes: tuple[str, ...] = ("ants", "bees")) -> NarrativeCanvas:
     from course_utils.genai import story
 
     monkeypatch.setattr(story, "stream_story", lambda config, labels, **options: stream)
     canvas = NarrativeCanvas(config)
     canvas.load_images([("a.png", _png()), ("b.png", _png((0, 0, 200)))])
-    canvas._classifiers[("m", "r")] = _loaded(["ants", "bees"])
-    canvas.classify(catalog.ModelChoice("m", "m", "efficientnet-lite0"), catalog.RuntimeChoice("r", "r", "pytorch", "fp32"))
+    canvas._classifiers[("m", "r")] = _loaded(list(classes))
+    canvas.classify(catalog.ModelChoice("m", "m", "efficientnet-lite0"),
+                    catalog.RuntimeChoice("r", "ONNX Runtime INT8", "onnxruntime", "int8"))
     return canvas
+
+
+def test_the_canvas_keeps_the_pipelines_figures_and_tokens_per_second_grow_live(config: CourseConfig,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from course_utils.genai.story import StoryOptions
+
+    canvas = _canvas(config, monkeypatch, FakeStream(["An ", "ant ", "found ", "a leaf."], FakeStory()))
+    assert (canvas.figures.photos, canvas.figures.runtime, canvas.figures.precision) == (2, "ONNX Runtime INT8", "int8")
+    assert canvas.figures.classify_ms == canvas.timings["classify_ms"] > 0
+    live: list[float | None] = []
+    canvas.write_story(StoryOptions(), on_text=lambda text: live.append(canvas.figures.tokens_per_second))
+    assert live[0] is None and all(rate is not None and rate > 0 for rate in live[1:])
+    assert canvas.figures.tokens_per_second == live[-1] and canvas.figures.rails == "deterministic"
+    blocked = FakeStory(text="", blocked=True, blocked_by="keyword check output", tokens_per_second=9.0)
+    canvas = _canvas(config, monkeypatch, FakeStream([], blocked))
+    canvas.write_story(StoryOptions())
+    assert (canvas.figures.blocked_by, canvas.figures.tokens_per_second) == ("keyword check output", 9.0)
+    canvas.load_images([("a.png", _png())])
+    assert canvas.figures == type(canvas.figures)(photos=1)
+
+
+def test_screened_labels_are_those_the_rails_hold_back(config: CourseConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    canvas = _canvas(config, monkeypatch, FakeStream([], FakeStory()), classes=("rifle", "bees"))
+    assert config.llm.rails == "deterministic" and canvas.screened_labels() == {"rifle"}
+    config.llm.rails = "none"
+    assert canvas.screened_labels() == set()
 
 
 def test_the_story_streams_about_the_subjects_and_can_be_cancelled(config: CourseConfig,
@@ -247,6 +333,9 @@ def test_the_widgets_show_an_error_instead_of_raising(config: CourseConfig) -> N
     widget_app.task.join(30)
     assert "No photos yet" in widget_app.error.value and widget_app.status.value == "Failed."
     assert not widget_app.classify_button.disabled and widget_app.cancel_button.disabled
+    widget_app._start("next", widget_app._next_work)  # the next part, before any story
+    widget_app.task.join(30)
+    assert "No story to continue" in widget_app.error.value and not widget_app.next_button.disabled
     widget_app.upload.value = ({"name": "a.png", "type": "image/png", "size": 1, "content": memoryview(_png()),
                                 "last_modified": datetime.now(timezone.utc)},)
     assert len(widget_app.thumbnails.children) == 1 and widget_app.error.value == ""
@@ -270,7 +359,7 @@ def test_prepare_demo_reports_every_step_and_writes_a_manifest(config: CourseCon
 def test_the_page_is_served_on_loopback_with_the_same_config(config: CourseConfig) -> None:
     page = server.write_page(config)
     notebook = json.loads(page.read_text())
-    assert "launch()" in "".join(notebook["cells"][0]["source"])
+    assert "launch(stage=True)" in "".join(notebook["cells"][0]["source"])
     command = server.serve_command(page)
     assert "--Voila.ip=127.0.0.1" in command and str(page) in command
     environ = server.serve_environment(config, {"imagegen.steps": 3, "llm.rails": "none"})
@@ -305,3 +394,65 @@ def test_prepare_demo_looks_before_it_builds_and_names_what_is_missing(config: C
     steps = {step.name: step for step in demo.prepare_demo(config, build=False)}
     assert steps["fine-tuned model"].status == "missing" and "notebook 02" in steps["fine-tuned model"].detail
     assert steps["ONNX export"].status == "missing" and not (config.workspace / "train").exists()
+
+
+def _upload_value(*files: tuple[str, bytes]) -> tuple[dict, ...]:
+    return tuple({"name": name, "type": "image/png", "size": len(content), "content": memoryview(content),
+                  "last_modified": datetime.now(timezone.utc)} for name, content in files)
+
+
+def test_the_page_speaks_english_or_chinese_and_the_story_follows_unless_set(config: CourseConfig) -> None:
+    pytest.importorskip("ipywidgets")
+    widget_app = widgets.NarrativeCanvasApp(config, warm_up=False)
+    assert widget_app.chain_button.description == "Run the whole chain" and widget_app._options().language == "en"
+    widget_app.upload.value = _upload_value(*[("a.png", _png())] * 9)
+    assert "at most 8" in widget_app.error.value
+    widget_app.style.value = "fable"
+    widget_app.ui_language.value = "zh"
+    assert widget_app.chain_button.description == "运行整条流程"
+    assert widget_app.upload.description == "照片（≤ 8）"
+    assert "一次最多 8 张" in widget_app.error.value and "分类器" in widget_app.figures.value
+    assert widget_app.style.value == "fable" and widget_app.style.label == "寓言"
+    assert widget_app._options().language == "zh"
+    widget_app.language.value = "en"
+    assert widget_app._options().language == "en"
+    assert widgets.NarrativeCanvasApp(config.model_copy(update={"app": config.app.model_copy(
+        update={"ui_language": "zh"})}), warm_up=False).chain_button.description == "运行整条流程"
+
+
+def test_kiosk_mode_hides_free_text_and_runtimes_and_a_blocked_story_shows_only_the_card(
+        config: CourseConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ipywidgets")
+    blocked = FakeStory(text="", image_prompt=None, blocked=True, blocked_by="keyword check output",
+                        message="Sorry, I can't write that story.")
+    canvas = _canvas(config, monkeypatch, FakeStream(["The ant ", "went "], blocked), classes=("rifle", "bees"))
+    widget_app = widgets.NarrativeCanvasApp(config, canvas, warm_up=False, kiosk=True)
+    assert [w.layout.display for w in (widget_app.custom, widget_app.model, widget_app.runtime)] == ["none"] * 3
+    assert not widget_app.settings_toggle.value and widget_app.settings.layout.display == "none"
+    widget_app.custom.value = "ignored in kiosk mode"
+    assert widget_app._options().instruction == ""
+    seen: list[str] = []
+    widget_app.story.observe(lambda change: seen.append(change["new"]), names="value")
+    widget_app._start("story", widget_app._story_work)
+    widget_app.task.join(30)
+    assert any("The ant" in value for value in seen), "the story streamed into the page"
+    assert "nc-blocked-card" in widget_app.story.value and "the word filter on the story" in widget_app.story.value
+    shown = widget_app.story.value + widget_app.top5.value + widget_app.figures.value + widget_app.status.value
+    assert "The ant" not in shown and "rifle" not in shown and "Sorry" not in shown
+    assert "Photo 1" in widget_app.top5.value and "(held back)" in widget_app.top5.value
+    assert widget_app.status.value == "Stopped by the guardrails." and widget_app.error.value == ""
+    monkeypatch.setattr(canvas, "screened_labels", lambda: 1 / 0)  # the rails cannot run: nothing is shown
+    widget_app.ui_language.value = "zh"
+    assert "bees" not in widget_app.top5.value and widget_app.top5.value.count("（已隐藏）") == 4  # 2 photos x 2
+
+
+def test_the_settings_panel_folds_away_and_the_stage_starts_without_it(config: CourseConfig) -> None:
+    pytest.importorskip("ipywidgets")
+    widget_app = widgets.NarrativeCanvasApp(config, warm_up=False)
+    assert widget_app.settings_toggle.value and widget_app.settings.layout.display == "flex"
+    assert widget_app.body.layout.grid_template_columns.count("minmax") == 4
+    widget_app.settings_toggle.value = False
+    assert widget_app.settings.layout.display == "none"
+    assert widget_app.body.layout.grid_template_columns.count("minmax") == 3
+    staged = widgets.NarrativeCanvasApp(config, warm_up=False, stage=True)
+    assert staged.stage_toggle.value and not staged.settings_toggle.value

@@ -56,3 +56,20 @@ def test_a_file_in_the_way_is_replaced_too(tmp_path: Path) -> None:
     with atomic_directory(target) as tmp:
         (tmp / "data.txt").write_text("new")
     assert (target / "data.txt").read_text() == "new" and _siblings(target) == ["built"]
+
+
+def test_files_and_folders_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from course_utils.core.atomic import write_text_atomic
+
+    previous = os.umask(0o022)
+    try:
+        report = write_text_atomic(tmp_path / "report.html", "<p>shared with the class</p>")
+        with atomic_directory(tmp_path / "kit") as folder:
+            (folder / "README.md").write_text("copy me")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(report.stat().st_mode) == 0o644  # mkstemp alone gives 0o600: nobody else could read it
+    assert stat.S_IMODE((tmp_path / "kit").stat().st_mode) == 0o755

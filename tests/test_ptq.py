@@ -141,6 +141,21 @@ def test_modelopt_makes_symmetric_s8_qdq_and_leaves_its_input_alone(tiny: OnnxMo
     assert "--calibration_eps" in ptq.modelopt_command(tiny.path, made.path, tmp_path, "max", "images", (4, 3, 8, 8))
 
 
+def test_the_tensorrt11_copy_has_fp16_between_the_qdq_pairs(tiny: OnnxModel, calibration: CalibrationSet,
+                                                            quick: CourseConfig, tmp_path: Path) -> None:
+    from course_utils.deploy.tensorrt_engines import qdq_high_precision
+
+    val = images(4, 2)
+    fp32 = ptq.measure_int8(ptq.quantize(tiny, Recipe("modelopt", "max", "s8", "tensorrt"), calibration, tmp_path),
+                            val, np.zeros(4, int), quick, np.zeros(4, int), latency=False)
+    fp16 = ptq.tensorrt_fp16_qdq(tiny, [fp32], calibration, tmp_path)
+    assert fp16 is not None and fp16.recipe.name == "modelopt-max-fp16" and fp16.path != fp32.path
+    assert (qdq_high_precision(fp32.path), qdq_high_precision(fp16.path)) == ("fp32", "fp16")
+    assert ptq.tensorrt_fp16_qdq(tiny, [], calibration, tmp_path) is None  # no ModelOpt variant, no copy
+    with pytest.raises(QuantizationError, match="FP16 is ModelOpt's"):
+        Recipe("onnxruntime", "minmax", high_precision="fp16")
+
+
 def result(name: str, top1: float, agreement: float, b8: float, target: str = "cpu",
            tool: str = "onnxruntime") -> VariantResult:
     return VariantResult(name, tool, target, Path(f"{name}.onnx"), top1, 0.9 - top1, agreement, 1.0, b8, 1.0, 16)
@@ -212,6 +227,23 @@ def test_implicit_builds_hand_each_plan_the_calibration_set(tiny: OnnxModel, cal
     assert [(c, p) for c, p, _ in seen] == [(c, plans[c].calibration_cache) for c in ("entropy", "minmax")]
     assert {batch for *_, batch in seen} == {quick.engine.batch_opt}
     assert builds == {c: plans[c].engine_path for c in plans}
+
+
+def test_one_failed_calibrator_does_not_stop_the_other(tiny: OnnxModel, calibration: CalibrationSet,
+                                                       quick: CourseConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from course_utils.deploy import tensorrt_engines as te
+    from course_utils.deploy.calibration import CalibrationError
+
+    plans = ptq.implicit_int8_plans(tiny, calibration, quick, "10.3.0", ORIN)
+
+    def build(plan: te.EnginePlan, data: CalibrationSet) -> Path:
+        if plan.calibrator == "entropy":
+            raise CalibrationError("the cache was made by TensorRT 8.5")
+        return plan.engine_path
+
+    monkeypatch.setattr(te, "build_engine", build)
+    builds = ptq.build_implicit_int8_engines(plans, calibration)
+    assert isinstance(builds["entropy"], CalibrationError) and builds["minmax"] == plans["minmax"].engine_path
 
 
 def test_calibration_batch_is_the_last_profiles_opt(quick: CourseConfig) -> None:

@@ -83,6 +83,54 @@ def test_unavailable_devices_say_what_to_do(tiny: tuple[torch.nn.Module, Path]) 
             TorchRunner(net, device="cuda")
 
 
+class ProviderStandIn:
+    """ONNX Runtime's InferenceSession as onnxruntime-gpu behaves: it records the providers it was given and
+    reports the one it really started (``started``), which is not the first asked for when that one failed."""
+
+    def __init__(self, started: str) -> None:
+        self.started, self.providers = started, []
+
+    def __call__(self, path: str, options: object = None, providers: list[object] | None = None) -> ProviderStandIn:
+        self.providers.append(providers)
+        return self
+
+    def get_providers(self) -> list[str]:
+        return [self.started, "CPUExecutionProvider"]
+
+    def get_inputs(self) -> list[object]:
+        return [type("Input", (), {"name": "images"})()]
+
+
+def test_the_tensorrt_provider_gets_profiles_and_caches_and_no_silent_fallback(
+        tiny: tuple[torch.nn.Module, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    from course_utils.deploy import tensorrt_engines as te
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["TensorrtExecutionProvider",
+                                                                         "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(te, "detect_gpu", lambda: te.Gpu("NVIDIA Jetson Orin Nano", "8.7"))
+    monkeypatch.setattr(te, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(te, "cuda_version", lambda: "12.6")
+    fell_back = ProviderStandIn("CUDAExecutionProvider")
+    monkeypatch.setattr(onnxruntime, "InferenceSession", fell_back)
+    with pytest.raises(RuntimeUnavailableError, match="fell back to CUDAExecutionProvider"):
+        OrtRunner(tiny[1], device="tensorrt", precision="fp16", cache_dir=tmp_path)
+    started = ProviderStandIn("TensorrtExecutionProvider")
+    monkeypatch.setattr(onnxruntime, "InferenceSession", started)
+    OrtRunner(tiny[1], device="tensorrt", precision="fp16", cache_dir=tmp_path, input_size=32)
+    name, options = started.providers[-1][0]
+    assert name == "TensorrtExecutionProvider" and options["trt_fp16_enable"] and not options["trt_int8_enable"]
+    assert (options["trt_profile_min_shapes"], options["trt_profile_opt_shapes"], options["trt_profile_max_shapes"]) \
+        == ("images:1x3x32x32", "images:4x3x32x32", "images:8x3x32x32")
+    assert options["trt_timing_cache_enable"] and options["trt_engine_cache_enable"]
+    folder = Path(options["trt_engine_cache_path"])
+    assert folder.parent == tmp_path and folder.name == "nvidia-jetson-orin-nano-sm87_trt10.3.0_cu12.6"
+    monkeypatch.setattr(te, "cuda_version", lambda: "13")
+    other = te.ort_tensorrt_options("images", 32, te.BatchProfile(1, 4, 8), "fp16", 2048, tmp_path)
+    assert other["trt_engine_cache_path"] != str(folder)  # another CUDA never reads these engines
+
+
 def test_runner_keys() -> None:
     runner = FakeRunner([1.0], [0.0], precision="int8")
     runner.runtime, runner.device = "onnxruntime", "tensorrt"

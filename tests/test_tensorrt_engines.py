@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,7 +89,13 @@ def test_route_per_version(version: str, flags: bool, implicit: bool, typed: boo
 
 def test_route_sources_and_explanations() -> None:
     assert build_route("8.5.2").source("int8") == "fp32-onnx"
-    assert build_route("8.5.2").source("int8", have_qdq=True) == "qdq-onnx"
+    # ModelOpt's Q/DQ is opset 19; TensorRT 8.5/8.6's parser reads up to 17: calibrate implicitly there.
+    assert build_route("8.5.2").source("int8", have_qdq=True) == "fp32-onnx"
+    assert build_route("8.6.1").source("int8", have_qdq=True) == "fp32-onnx"
+    assert build_route("10.3.0").source("int8", have_qdq=True) == "qdq-onnx"
+    assert "opset 17 at most" in build_route("8.5.2").explain()
+    assert build_route("11.0.0").qdq_high_precision == "fp16" and build_route("10.3.0").qdq_high_precision == "fp32"
+    assert "FP16 between the Q/DQ" in build_route("11.0.0").explain()
     assert build_route("11.0.0").source("fp16") == "autocast-fp16-onnx"
     assert build_route("11.0.0").source("int8") == "qdq-onnx"
     assert "no builder optimization level" in build_route("8.5.2").explain()
@@ -106,14 +113,15 @@ def test_unsupported_and_malformed_versions() -> None:
 
 def test_engine_file_name_has_every_part() -> None:
     profiles = (BatchProfile(1, 4, 8),)
-    name = engine_filename(SHA, "fp16", profiles, ORIN, "10.3.0.30")
-    assert name == f"{SHA[:12]}_fp16_b1-4-8_nvidia-jetson-orin-nano-sm87_trt10.3.0.30.engine"
-    others = {engine_filename("cd" * 32, "fp16", profiles, ORIN, "10.3.0.30"),
-              engine_filename(SHA, "int8", profiles, ORIN, "10.3.0.30"),
-              engine_filename(SHA, "fp16", (BatchProfile(1, 1, 1),), ORIN, "10.3.0.30"),
-              engine_filename(SHA, "fp16", profiles, RTX, "10.3.0.30"),
-              engine_filename(SHA, "fp16", profiles, ORIN, "8.5.2")}
-    assert name not in others and len(others) == 5
+    name = engine_filename(SHA, "fp16", profiles, ORIN, "10.3.0.30", "12.6")
+    assert name == f"{SHA[:12]}_fp16_b1-4-8_nvidia-jetson-orin-nano-sm87_trt10.3.0.30_cu12.6.engine"
+    others = {engine_filename("cd" * 32, "fp16", profiles, ORIN, "10.3.0.30", "12.6"),
+              engine_filename(SHA, "int8", profiles, ORIN, "10.3.0.30", "12.6"),
+              engine_filename(SHA, "fp16", (BatchProfile(1, 1, 1),), ORIN, "10.3.0.30", "12.6"),
+              engine_filename(SHA, "fp16", profiles, RTX, "10.3.0.30", "12.6"),
+              engine_filename(SHA, "fp16", profiles, ORIN, "8.5.2", "12.6"),
+              engine_filename(SHA, "fp16", profiles, ORIN, "10.3.0.30", "13")}
+    assert name not in others and len(others) == 6
 
 
 def test_timing_cache_keys_and_invalidation(tmp_path: Path) -> None:
@@ -126,7 +134,11 @@ def test_timing_cache_keys_and_invalidation(tmp_path: Path) -> None:
     assert te.timing_cache_state(cache, key) == "valid"
     assert te.timing_cache_state(cache, CacheKey.of(RTX, "10.3.0")) == "foreign"
     assert te.timing_cache_state(cache, CacheKey.of(ORIN, "10.13.0")) == "foreign"
-    assert CacheKey.of(RTX, "10.3.0").filename != key.filename != CacheKey.of(ORIN, "8.5.2").filename
+    assert te.timing_cache_state(cache, CacheKey.of(ORIN, "10.3.0", cuda="13")) == "foreign"  # tensorrt-cu13
+    assert te.timing_cache_state(cache, CacheKey.of(ORIN, "10.3.0", tf32=True)) == "foreign"
+    names = {k.filename for k in (key, CacheKey.of(RTX, "10.3.0"), CacheKey.of(ORIN, "8.5.2"),
+                                  CacheKey.of(ORIN, "10.3.0", cuda="13"), CacheKey.of(ORIN, "10.3.0", tf32=True))}
+    assert len(names) == 5
     cache.write_bytes(b"tampered")
     assert te.timing_cache_state(cache, key) == "modified"
 
@@ -159,18 +171,21 @@ def test_engine_reuse_needs_matching_sidecar(tmp_path: Path) -> None:
     assert not te.reusable_engine(fp16)
 
 
-def test_plans_follow_the_route(tmp_path: Path) -> None:
+def test_plans_follow_the_route(tmp_path: Path, qdq_onnx: Callable[[Path, str], Path]) -> None:
     old = plan(tmp_path, "fp16", "8.5.2")
     assert (old.fp16_flag, old.int8_flag, old.optimization_level, old.source_kind) == (True, False, None, "fp32-onnx")
     calibrated = plan(tmp_path, "int8", "10.3.0", calibration_images=8)
     assert calibrated.calibrate and calibrated.int8_flag and calibrated.fp16_flag
     assert calibrated.calibration_cache is not None and "entropy-8img" in calibrated.calibration_cache.name
-    qdq = tmp_path / "qdq.onnx"
+    qdq, qdq_fp16 = qdq_onnx(tmp_path / "qdq.onnx", "fp32"), qdq_onnx(tmp_path / "qdq-fp16.onnx", "fp16")
     explicit = plan(tmp_path, "int8", "10.3.0", qdq_onnx=qdq, calibration_images=8)
-    assert (explicit.source, explicit.calibrate, explicit.int8_flag) == (qdq, False, True)
+    assert (explicit.source, explicit.calibrate, explicit.int8_flag, explicit.fp16_flag) == (qdq, False, True, True)
     typed = plan(tmp_path, "fp16", "11.0.0")
     assert typed.source_kind == "autocast-fp16-onnx" and not (typed.fp16_flag or typed.int8_flag)
-    assert plan(tmp_path, "int8", "11.0.0", qdq_onnx=qdq).source == qdq
+    assert plan(tmp_path, "int8", "11.0.0", qdq_onnx=qdq_fp16).source == qdq_fp16
+    with pytest.raises(EngineBuildError, match="keeps FP32 between its Q/DQ pairs"):
+        plan(tmp_path, "int8", "11.0.0", qdq_onnx=qdq)
+    assert not plan(tmp_path, "fp32", "10.3.0").tf32 and "--noTF32" in te.trtexec_command(explicit)
 
 
 def test_int8_without_calibrator_or_qdq_is_refused_with_the_fix(tmp_path: Path) -> None:
@@ -196,23 +211,46 @@ def test_polygraphy_and_trtexec_commands(tmp_path: Path) -> None:
     old_int8 = plan(tmp_path, "int8", "8.5.2", calibration_images=8)
     assert "--builderOptimizationLevel=3" not in te.trtexec_command(old_int8)
     assert f"--calib={old_int8.calibration_cache}" in te.trtexec_command(old_int8)
+    assert "--noTF32" in shlex.split(te.trtexec_command(old_int8))  # trtexec enables TF32 unless told
+    assert "--calibration-base-class" not in te.polygraphy_command(old_int8)  # entropy: Polygraphy's default
+    minmax = plan(tmp_path, "int8", "8.5.2", load_config("smoke", {"engine.calibrator": "minmax"}, environ={}),
+                  calibration_images=8)
+    assert "--calibration-base-class IInt8MinMaxCalibrator" in te.polygraphy_command(minmax)
     commands = te.shell_commands(plan(tmp_path, "fp16", "11.0.0"))
     assert "modelopt.onnx.autocast" in commands[0] and "--fp16" not in commands[1]
 
 
-def test_course_plans_read_the_ptq_qdq_model(config: CourseConfig, tmp_path: Path) -> None:
+def test_polygraphy_commands_parse_with_polygraphys_own_cli(tmp_path: Path) -> None:
+    import argparse
+
+    from polygraphy.tools.convert import Convert
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    Convert().setup_parser(parser.add_subparsers())
+    minmax = load_config("smoke", {"engine.calibrator": "minmax", "engine.extra_profiles": [[1, 1, 1]]}, environ={})
+    for made in (plan(tmp_path, "int8", "10.3.0", minmax, calibration_images=8), plan(tmp_path, "fp16", "8.5.2")):
+        args = parser.parse_args(shlex.split(te.polygraphy_command(made))[1:])
+        assert (bool(args.fp16), bool(args.int8), bool(args.tf32)) == (made.fp16_flag, made.int8_flag, made.tf32)
+        assert args.calibration_base_class == ("IInt8MinMaxCalibrator" if made.calibrate else None)
+
+
+def test_course_plans_read_the_ptq_qdq_model(config: CourseConfig, tmp_path: Path,
+                                             qdq_onnx: Callable[[Path, str], Path]) -> None:
     onnx_model = model(tmp_path)
     plans = te.course_plans(config, onnx_model, "11.0.0", ORIN)
     assert isinstance(plans["int8"], EngineBuildError) and isinstance(plans["fp32"], te.EnginePlan)
     ledger = Ledger(config.workspace)
-    qdq = config.workspace / "int8" / "qdq.onnx"
-    qdq.parent.mkdir(parents=True)
-    qdq.write_bytes(b"q/dq")
-    ledger.save(PtqRecord(tensorrt_qdq=FileRef.of(qdq, config.workspace), made_from={"onnx": "another export"}))
+    qdq = qdq_onnx(config.workspace / "int8" / "qdq.onnx", "fp32")
+    qdq_fp16 = qdq_onnx(config.workspace / "int8" / "qdq-fp16.onnx", "fp16")
+    files = {"tensorrt_qdq": FileRef.of(qdq, config.workspace), "tensorrt_qdq_fp16": FileRef.of(qdq_fp16, config.workspace)}
+    ledger.save(PtqRecord(**files, made_from={"onnx": "another export"}))
     assert isinstance(te.course_plans(config, onnx_model, "11.0.0", ORIN)["int8"], EngineBuildError)
-    ledger.save(PtqRecord(tensorrt_qdq=FileRef.of(qdq, config.workspace), made_from={"onnx": onnx_model.sha256}))
-    planned = te.course_plans(config, onnx_model, "11.0.0", ORIN)["int8"]
-    assert isinstance(planned, te.EnginePlan) and planned.source == qdq
+    ledger.save(PtqRecord(tensorrt_qdq=files["tensorrt_qdq"], made_from={"onnx": onnx_model.sha256}))
+    assert isinstance(te.course_plans(config, onnx_model, "11.0.0", ORIN)["int8"], EngineBuildError)  # no FP16 copy
+    ledger.save(PtqRecord(**files, made_from={"onnx": onnx_model.sha256}))
+    planned = {version: te.course_plans(config, onnx_model, version, ORIN)["int8"] for version in ("11.0.0", "10.3.0", "8.5.2")}
+    assert all(isinstance(p, te.EnginePlan) for p in planned.values())
+    assert [p.source for p in planned.values()] == [qdq_fp16, qdq, onnx_model.path]  # type: ignore[union-attr]
 
 
 def test_building_without_tensorrt_says_how(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,29 +267,6 @@ def fake_tensorrt() -> SimpleNamespace:
     """The few TensorRT names the loader wiring touches, for checking it without TensorRT."""
     return SimpleNamespace(MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"),
                            IInt8EntropyCalibrator2=type("Entropy", (), {}), IInt8MinMaxCalibrator=type("MinMax", (), {}))
-
-
-def test_polygraphy_loader_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import polygraphy.backend.trt.config  # noqa: F401  (its lazy `trt` must stay unresolved)
-
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
-    int8 = plan(tmp_path, "int8", "10.3.0", calibration_images=8)
-    with pytest.raises(EngineBuildError, match="no calibrator"):
-        te.engine_loader(int8, tmp_path / "out.engine")
-    saver = te.engine_loader(int8, tmp_path / "out.engine", calibrator="calibrator", load_timing_cache=False)
-    builder = saver._engine
-    config = builder._config
-    assert (config.fp16, config.int8, config.builder_optimization_level) == (True, True, 3)
-    assert config.memory_pool_limits == {"workspace": 2048 << 20}
-    assert config.timing_cache_path is None and builder.timing_cache_path == str(int8.timing_cache)
-    assert config.calibrator == "calibrator"
-    profile = config.profiles[0]["images"]
-    assert (tuple(profile.min), tuple(profile.opt), tuple(profile.max)) == ((1, 3, 224, 224), (4, 3, 224, 224),
-                                                                            (8, 3, 224, 224))
-    typed = te.engine_loader(plan(tmp_path, "fp16", "11.0.0"), tmp_path / "typed.engine")._engine
-    assert not (typed._config.fp16 or typed._config.int8) and "_autocast-fp16_modelopt" in typed._network.path
-    # Building the pipeline is lazy: Polygraphy has not imported (and cached) the fake TensorRT.
-    assert object.__getattribute__(sys.modules["polygraphy.backend.trt.config"].trt, "module") is None
 
 
 def test_calibrator_class_follows_the_config(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,6 +48,25 @@ def story_catalog() -> dict[str, list[tuple[str, str]]]:
 
 
 @dataclass
+class Figures:
+    """The pipeline's numbers as the last steps measured them (None: that step has not run yet).
+
+    ``tokens_per_second`` grows live while the story streams (chunks, about one token each, per second
+    since the first chunk), then holds the story's own figure; ``blocked_by`` names the rail that blocked.
+    """
+
+    photos: int = 0
+    runtime: str | None = None  # the label of the runtime that classified, e.g. "ONNX Runtime INT8"
+    precision: str | None = None
+    classify_ms: float | None = None
+    rails: str | None = None  # the rail configuration of the last story ("none": unguarded)
+    blocked_by: str | None = None
+    tokens_per_second: float | None = None
+    picture_seconds: float | None = None
+    picture_steps: int | None = None
+
+
+@dataclass
 class NarrativeCanvas:
     """The app without its widgets: every button of ``NarrativeCanvasApp`` calls one method of this class."""
 
@@ -58,9 +77,11 @@ class NarrativeCanvas:
     chapters: list[str] = field(default_factory=list)
     generation: Generation | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    figures: Figures = field(default_factory=Figures)
     _classifiers: dict[tuple[str, str], LoadedClassifier] = field(default_factory=dict, repr=False)
     _last_classifier: LoadedClassifier | None = field(default=None, repr=False)
     _generator: ImageGenerator | None = field(default=None, repr=False)
+    _screened: tuple[tuple[str, tuple[str, ...]], set[str]] | None = field(default=None, repr=False)
     _classifier_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _generator_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -81,6 +102,7 @@ class NarrativeCanvas:
         """Take an upload (name, bytes) as the new photos; everything downstream starts over."""
         self.images = decode_uploads(files, self.max_images)
         self.predictions, self.story, self.chapters, self.generation = [], None, [], None
+        self.figures = Figures(photos=len(self.images))
         return [name for name, _ in self.images]
 
     def classifier(self, model: ModelChoice, runtime: RuntimeChoice) -> LoadedClassifier:
@@ -94,11 +116,13 @@ class NarrativeCanvas:
     def classify(self, model: ModelChoice, runtime: RuntimeChoice) -> list[list[tuple[str, float]]]:
         """Top-5 of every uploaded photo with the chosen model and runtime."""
         if not self.images:
-            raise AppError("No photos yet: upload one or more images first.")
+            raise AppError.of("no_photos")
         loaded = self.classifier(model, runtime)
         started = time.perf_counter()
         self.predictions = classify(loaded, [image for _, image in self.images])
         self.timings["classify_ms"] = (time.perf_counter() - started) * 1000
+        self.figures.runtime, self.figures.precision = runtime.label, runtime.precision
+        self.figures.classify_ms = self.timings["classify_ms"]
         self._last_classifier = loaded
         return self.predictions
 
@@ -113,16 +137,20 @@ class NarrativeCanvas:
         from course_utils.genai.story import stream_story
 
         if not self.predictions:
-            raise AppError("No labels yet: classify the photos first.")
+            raise AppError.of("no_labels")
         started = time.perf_counter()
+        self.figures.rails, self.figures.blocked_by, self.figures.tokens_per_second = self.config.llm.rails, None, None
         stream = stream_story(self.config, self.subjects(), options=options)
         chunks = iter(stream)
-        text = ""
+        text, count, first = "", 0, 0.0
         try:
             for chunk in chunks:
                 if cancel is not None and cancel():
                     raise Cancelled("Story cancelled.")
-                text += chunk
+                text, count = text + chunk, count + 1
+                first = first or time.perf_counter()
+                if count > 1:
+                    self.figures.tokens_per_second = (count - 1) / (time.perf_counter() - first)
                 if on_text is not None:
                     on_text(text)
         finally:
@@ -131,7 +159,13 @@ class NarrativeCanvas:
         self.chapters = [] if self.story.blocked else [self.story.text]
         self.generation = None
         self.timings["story_seconds"] = time.perf_counter() - started
+        self._story_figures(self.story)
         return self.story
+
+    def _story_figures(self, result: StoryResult) -> None:
+        self.figures.rails, self.figures.blocked_by = result.rails, result.blocked_by if result.blocked else None
+        if result.tokens_per_second:
+            self.figures.tokens_per_second = result.tokens_per_second
 
     def continue_story(self, options: StoryOptions, on_text: Callable[[str], None] | None = None,
                        cancel: Callable[[], bool] | None = None) -> StoryResult:
@@ -139,12 +173,13 @@ class NarrativeCanvas:
         from course_utils.genai.story import continue_story
 
         if self.story is None or self.story.blocked or not self.chapters:
-            raise AppError("No story to continue: write a story first (a blocked story cannot go on).")
+            raise AppError.of("nothing_to_continue")
         started = time.perf_counter()
         result = continue_story(self.config, self.story, options.instruction)
         if cancel is not None and cancel():
             raise Cancelled("Continuation cancelled.")
         self.timings["continue_seconds"] = time.perf_counter() - started
+        self._story_figures(result)
         if not result.blocked:
             self.story = result
             self.chapters.append(result.text)
@@ -157,19 +192,36 @@ class NarrativeCanvas:
         """Every part of the story so far, one paragraph each."""
         return "\n\n".join(self.chapters)
 
+    def screened_labels(self) -> set[str]:
+        """The labels among the predictions that the story's label screen holds back (none without rails).
+
+        Each label goes through the configured input rails, so the answer is kept until the predictions or
+        the rails change.
+        """
+        from course_utils.genai.story import storyteller
+
+        labels = tuple(dict.fromkeys(label for top in self.predictions for label, _ in top))
+        key = (self.config.llm.rails, labels)
+        if self._screened is None or self._screened[0] != key:
+            self._screened = (key, set(storyteller(self.config).screen(list(labels))[1]))
+        return self._screened[1]
+
     def warm_up(self, model: ModelChoice | None = None, runtime: RuntimeChoice | None = None,
-                say: Callable[[str], None] = lambda message: None) -> None:
-        """Load the classifier, start the story model and load the picture model, so the first clicks are quick."""
+                say: Callable[[str], None] = lambda step: None) -> None:
+        """Load the classifier, start the story model and load the picture model, so the first clicks are quick.
+
+        ``say`` hears each step as it starts ("classifier", "story", "picture"), then "ready".
+        """
         from course_utils.genai.story import storyteller
 
         if model is not None and runtime is not None:
-            say("Warming up: loading the classifier…")
+            say("classifier")
             self.classifier(model, runtime)
-        say("Warming up: starting the story model…")
+        say("story")
         storyteller(self.config).warm_up()
-        say("Warming up: loading the picture model…")
+        say("picture")
         self.generator()
-        say("Ready.")
+        say("ready")
 
     def generator(self) -> ImageGenerator:
         """The text-to-image pipeline (loaded on first use; ``prepare-demo`` has it on disk already)."""
@@ -186,10 +238,11 @@ class NarrativeCanvas:
         from course_utils.genai.imagegen import picture_for_story
 
         if self.story is None:
-            raise AppError("No story yet: write a story first.")
+            raise AppError.of("no_story")
         generator = self.generator()
         self.generation = picture_for_story(generator, self.story, self.config.imagegen, on_step, cancel)
         self.timings["picture_seconds"] = self.generation.seconds
+        self.figures.picture_seconds, self.figures.picture_steps = self.generation.seconds, self.generation.steps
         return self.generation
 
     def round_trip(self) -> RoundTrip | None:

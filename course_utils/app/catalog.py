@@ -30,7 +30,22 @@ DEPLOYED = "course"  # the key of the course's own (deployed) model
 
 
 class AppError(CourseError, RuntimeError):
-    """Something the app's user can fix (too many images, a file that is no image, a missing artifact)."""
+    """Something the app's user can fix (too many images, a file that is no image, a missing artifact).
+
+    Made with ``AppError.of(key, **fields)``, it carries its message catalog entry, so the page can say it
+    in its own language; its message (the CLI's, the log's) is the English one.
+    """
+
+    def __init__(self, message: str, key: str | None = None, fields: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.key, self.fields = key, fields or {}
+
+    @classmethod
+    def of(cls, key: str, **fields: Any) -> AppError:
+        """The error of the app's message catalog entry ``key`` (``data/app/messages.yaml``)."""
+        from course_utils.app.messages import messages
+
+        return cls(messages("en")(key, **fields), key, fields)
 
 
 # --- What this machine can run -------------------------------------------------------------------------------
@@ -237,14 +252,13 @@ def decode_uploads(files: Sequence[tuple[str, bytes]], max_images: int) -> list[
     from course_utils.vision.data import load_rgb
 
     if not files:
-        raise AppError("No image uploaded yet: choose one or more photos first.")
+        raise AppError.of("no_upload")
     if len(files) > max_images:
-        raise AppError(f"{len(files)} images: the app takes at most {max_images} at once (the engines' largest "
-                       "batch, engine.batch_max). Upload fewer.")
+        raise AppError.of("too_many_images", count=len(files), most=max_images)
     images = []
     for name, content in files:
         try:
             images.append((name, load_rgb(io.BytesIO(content))))
         except (UnidentifiedImageError, OSError):
-            raise AppError(f"{name} is not an image the app can read (JPEG, PNG, GIF, BMP, WebP).") from None
+            raise AppError.of("not_an_image", name=name) from None
     return images

@@ -111,6 +111,21 @@ def _prepare_engines(config: CourseConfig, build: bool) -> tuple[str, str]:
     return _stage_step(_engines_ready, _build_engines, "builds the TensorRT engines (notebook 05)")(config, build)
 
 
+def _kit_ready(config: CourseConfig) -> str:
+    from course_utils.deploy import jetson_kit
+
+    if (kit := jetson_kit.existing_kit(config)) is None:
+        raise MissingArtifactError("no deploy kit for the current ONNX model and settings yet")
+    return kit.archive.name
+
+
+def _make_kit(config: CourseConfig) -> str:
+    from course_utils.deploy import jetson_kit
+
+    kit = jetson_kit.run(config)
+    return f"{kit.archive.name}: copy it to a Jetson and follow its README.md"
+
+
 def _prepare_picture(config: CourseConfig, build: bool) -> tuple[str, str]:
     from course_utils.genai.imagegen import is_tiny_random, load_generator, resolve_model, tiny_pipeline_dir
 
@@ -147,6 +162,7 @@ PREPARE_STEPS: dict[str, Callable[[CourseConfig, bool], tuple[str, str]]] = {
     "ONNX export": _stage_step(_onnx_ready, _export, "exports and optimizes the deployed model (notebook 04)"),
     "INT8 calibration": _stage_step(_int8_ready, _quantize, "calibrates and measures the INT8 models (notebook 06)"),
     "TensorRT engines": _prepare_engines,
+    "Jetson deploy kit": _stage_step(_kit_ready, _make_kit, "writes the deploy kit for a Jetson (notebook 05)"),
     "picture model": _prepare_picture,
     "story model": _prepare_story,
     "app model list": _prepare_app,

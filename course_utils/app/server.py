@@ -27,7 +27,7 @@ def write_page(config: CourseConfig) -> Path:
 
     # Written as plain JSON: importing nbformat costs seconds (its schema validator compiles a grammar).
     cell: dict[str, object] = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-            "source": ["from course_utils.app.server import launch\n", "\n", "app = launch()"]}
+            "source": ["from course_utils.app.server import launch\n", "\n", "app = launch(stage=True)"]}
     notebook = {"nbformat": 4, "nbformat_minor": 4, "cells": [cell], "metadata": {
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "language_info": {"name": "python"}}}
@@ -124,8 +124,11 @@ class PageServer:
         self.stop()
 
 
-def launch(spec: str | None = None) -> NarrativeCanvasApp:
-    """Start the app in a notebook or a Voila page, with the config from ``spec`` or the environment."""
+def launch(spec: str | None = None, stage: bool = False) -> NarrativeCanvasApp:
+    """Start the app in a notebook or a Voila page, with the config from ``spec`` or the environment.
+
+    ``stage=True`` (the served page) fills the browser window; the page's Stage button toggles it.
+    """
     from IPython.display import display
 
     from course_utils.core.config import load_config
@@ -134,6 +137,6 @@ def launch(spec: str | None = None) -> NarrativeCanvasApp:
     # seed (the story and the picture pass config.seed themselves), and PyTorch loads with the first model.
     config = load_config(spec)
     config.workspace.mkdir(parents=True, exist_ok=True)
-    app = NarrativeCanvasApp(config)
+    app = NarrativeCanvasApp(config, stage=stage)
     display(app)
     return app

@@ -268,14 +268,31 @@ class BenchmarkRecord(StageRecord):
     made_by: ClassVar[str] = "notebook 05 (`python -m course_utils benchmark`)"
 
 
+class DeviceRunRecord(StageRecord):
+    """Figures measured on another machine (a Jetson running the deploy kit), merged by ``import-results``.
+
+    ``metrics`` has the benchmark record's shape (runtime key -> ``latency_ms_p50_b1`` …, ``val_top1``), so
+    the report shows these rows beside this machine's, marked with ``device``. ``made_from["onnx"]`` is the
+    optimized ONNX the kit carried.
+    """
+
+    stage: ClassVar[str] = "device_run"
+    made_by: ClassVar[str] = ("the Jetson deploy kit (`python -m course_utils jetson-kit`, run on the device, "
+                              "then `python -m course_utils import-results FILE`)")
+
+    device: str  # in words, e.g. "Jetson Xavier NX (JetPack 5.1, TensorRT 8.5.2, power mode 20W)"
+    tensorrt: str | None = None
+
+
 class PtqRecord(StageRecord):
-    """INT8 models made from ``made_from["onnx"]``: the fastest on ONNX Runtime CPU, and the Q/DQ one for TensorRT."""
+    """INT8 models made from ``made_from["onnx"]``: the fastest on ONNX Runtime CPU, and the Q/DQ ones for TensorRT."""
 
     stage: ClassVar[str] = "ptq"
     made_by: ClassVar[str] = "notebook 06 (`python -m course_utils quantize`)"
 
     cpu_int8: FileRef | None = None
-    tensorrt_qdq: FileRef | None = None
+    tensorrt_qdq: FileRef | None = None  # FP32 between the Q/DQ pairs: measured here, built by TensorRT 10.x
+    tensorrt_qdq_fp16: FileRef | None = None  # the same scales, FP16 between: what strongly typed TensorRT 11 builds
 
     def best_cpu(self) -> dict[str, Any]:
         """The figures of the variant saved as ``cpu_int8`` (its ``name`` included)."""

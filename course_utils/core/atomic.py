@@ -26,6 +26,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.is_file():  # mkstemp makes it owner-only; give it the mode any new file gets here
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -44,6 +46,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only, like atomic_path's files
         old = tmp.with_name(f"{tmp.name}.old")  # unique too: tmp's name is
         had_old = os.path.lexists(target)
         if had_old:
@@ -58,6 +61,15 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             _remove(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (``os.umask`` would change it, for a moment, in every thread)."""
+    try:
+        status = Path("/proc/self/status").read_text(encoding="utf-8")
+    except OSError:
+        return 0o022  # the usual default where /proc is missing
+    return next((int(line.split()[1], 8) for line in status.splitlines() if line.startswith("Umask:")), 0o022)
 
 
 def _remove(path: Path) -> None:

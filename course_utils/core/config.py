@@ -73,6 +73,9 @@ class TrainConfig(_Section):
     unfreeze: Literal["all", "last"] = "last"
     early_stopping_patience: int = Field(default=3, ge=1)
     num_workers: int = Field(default=0, ge=0)
+    # Data parallelism: processes, one per GPU (CPU processes with gloo where there is none). batch_size is per
+    # process, so the global batch is gpus * batch_size and both learning rates scale by gpus (linear rule).
+    gpus: int = Field(default=1, ge=1)
 
 
 class PruneConfig(_Section):
@@ -136,7 +139,8 @@ class LLMConfig(_Section):
     startup_timeout_s: float = Field(default=60, gt=0)
     temperature: float = Field(default=0.7, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=8)
-    rails: Literal["none", "self_check", "deterministic", "guarded"] = "guarded"
+    rails: Literal["none", "self_check", "deterministic", "semantic", "guarded", "nemoguard"] = "guarded"
+    safety_api_key_env: str = "NVIDIA_API_KEY"  # the key of NVIDIA's safety models (rails: nemoguard)
     redteam_sample: int | None = Field(default=None, ge=2)
 
 
@@ -172,6 +176,11 @@ class SpeechConfig(_Section):
     silence_dbfs: float = Field(default=-50.0, le=0)
     max_story_words: int = Field(default=150, ge=5)
     eval_clips: int = Field(default=8, ge=1)
+
+
+class AppConfig(_Section):
+    kiosk: bool = False  # unattended demo: no instruction box, no model/runtime choices, screened labels hidden
+    ui_language: Literal["en", "zh"] = "en"  # the page's language; the story follows unless set in the app
 
 
 class BenchmarkConfig(_Section):
@@ -280,6 +289,7 @@ class CourseConfig(BaseSettings):
     llm: LLMConfig = LLMConfig()
     imagegen: ImageGenConfig = ImageGenConfig()
     speech: SpeechConfig = SpeechConfig()
+    app: AppConfig = AppConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
 
     @property

