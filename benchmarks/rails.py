@@ -81,7 +81,7 @@ def main() -> None:
     print(redteam_markdown(results) + "\n")
     tested = [r for r in results if r.split.startswith("test") and not r.skipped]
     print("## False positives by the harm a benign test prompt brushes against\n")
-    print(markdown_table([{"configuration": r.configuration, **{k: f"{v:.0%}" for k, v in
+    print(markdown_table([{"configuration": r.configuration, "split": r.split, **{k: f"{v:.0%}" for k, v in
                                                                  r.false_positives_by_category.items()}}
                           for r in tested]) + "\n")
     for r in tested:

@@ -123,3 +123,27 @@ def qdq_onnx() -> Callable[[Path, str], Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def noise_image_folder(tmp_path: Path) -> Callable[[int, int], object]:
+    """``noise_image_folder(train, val)``: an image folder of two visibly different classes (dark and bright noise,
+    48 px) with that many images per class and split, read as the course reads a user's folder."""
+
+    def make(train: int, val: int) -> object:
+        import numpy as np
+        from PIL import Image
+
+        from course_utils.vision.data import read_image_folder
+
+        rng = np.random.default_rng(0)
+        for split, count in (("train", train), ("val", val)):
+            for name, base in (("dark", 40), ("bright", 200)):
+                folder = tmp_path / "set" / split / name
+                folder.mkdir(parents=True)
+                for index in range(count):
+                    pixels = np.clip(base + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
+                    Image.fromarray(pixels).save(folder / f"{index}.png")
+        return read_image_folder(tmp_path / "set")
+
+    return make

@@ -14,12 +14,12 @@ settings); per-process batch-norm statistics, the learning rates left unscaled o
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from course_utils.cli import main
 from course_utils.core.artifacts import FinetuneRecord
@@ -27,24 +27,16 @@ from course_utils.core.config import CourseConfig, TrainConfig
 from course_utils.core.environment import seed_everything
 from course_utils.core.ledger import Ledger
 from course_utils.vision import distributed, finetune, zoo
-from course_utils.vision.data import ImageFolderDataset, read_image_folder
+from course_utils.vision.data import ImageFolderDataset
 from course_utils.vision.zoo import WeightsUnavailableError
 
 TOLERANCE = 0.15
 
 
 @pytest.fixture
-def small_dataset(tmp_path: Path) -> ImageFolderDataset:
+def small_dataset(noise_image_folder: Callable[[int, int], Any]) -> ImageFolderDataset:
     """Two classes of noise (dark, bright): 4 training and 2 validation images each."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 4), ("val", 2)):
-        for name, base in (("dark", 40), ("bright", 200)):
-            folder = tmp_path / "set" / split / name
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = np.clip(base + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index}.png")
-    return read_image_folder(tmp_path / "set")
+    return noise_image_folder(4, 2)
 
 
 @pytest.fixture(autouse=True)

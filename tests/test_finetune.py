@@ -1,28 +1,19 @@
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from course_utils.core.config import CourseConfig
 from course_utils.lessons import exercises
 from course_utils.vision import finetune, zoo
-from course_utils.vision.data import read_image_folder
 
 
 @pytest.fixture
-def tiny_dataset(tmp_path: Path):
+def tiny_dataset(noise_image_folder: Callable[[int, int], Any]):
     """Two visibly different classes (dark vs bright noise), 6 train and 4 val images each."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("val", 4)):
-        for name, base in (("dark", 40), ("bright", 200)):
-            folder = tmp_path / "set" / split / name
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = np.clip(base + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index}.png")
-    return read_image_folder(tmp_path / "set")
+    return noise_image_folder(6, 4)
 
 
 @pytest.fixture

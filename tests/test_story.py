@@ -478,9 +478,10 @@ def test_chat_templates_leave_a_prefilled_reply_open() -> None:
 
 def test_auto_model_is_chosen_per_language(config: CourseConfig, tmp_path: Path) -> None:
     auto = config.model_copy(update={"llm": config.llm.model_copy(update={"model": "auto"})})
+    named = config.model_copy(update={"llm": config.llm.model_copy(update={"model": "smollm2"})})
     assert language_config(auto, "zh").llm.model == OFFLINE_MODEL_BY_LANGUAGE["zh"]
     assert language_config(auto, "en").llm.model == OFFLINE_MODEL_BY_LANGUAGE["en"]
-    assert language_config(config, "zh") is config  # a named model is used for every language
+    assert language_config(named, "zh") is named  # a named model is used for every language
     teller = StoryTeller(auto, "none")
     assert teller.for_language("en") is teller and teller.config.llm.model == "smollm2"
     assert teller.for_language("zh").config.llm.model == OFFLINE_MODEL_BY_LANGUAGE["zh"]

@@ -845,9 +845,14 @@ def render_markdown(ledger: Ledger, title: str = TITLE) -> str:
     return _render_markdown(run, _summary(run), title)
 
 
-def _render_markdown(run: _Run, summary: RunSummary, title: str) -> str:
+def _heading(summary: RunSummary, title: str) -> tuple[str, str]:
+    """The page's heading and the line under it (the title too when it is not the heading)."""
     heading, subtitle = _headline_facts(summary)
-    sub = " · ".join(part for part in (title if title != heading else "", subtitle) if part)
+    return heading, " · ".join(part for part in (title if title != heading else "", subtitle) if part)
+
+
+def _render_markdown(run: _Run, summary: RunSummary, title: str) -> str:
+    heading, sub = _heading(summary, title)
     lines = [f"# {heading}", ""] + ([f"_{sub}_", ""] if sub else [])
     if summary.shipped:
         lines += [summary.shipped, ""]
@@ -926,8 +931,7 @@ def render_html(ledger: Ledger, title: str = TITLE) -> str:
 
 
 def _render_html(run: _Run, summary: RunSummary, title: str) -> str:
-    heading, subtitle = _headline_facts(summary)
-    sub = " · ".join(part for part in (title if title != heading else "", subtitle) if part)
+    heading, sub = _heading(summary, title)
     body = [f"<header><h1>{html.escape(heading)}</h1><p class='sub'>{html.escape(sub)}</p></header>"]
     if summary.shipped:
         body.append(f"<p class='shipped'><b>Model shipped:</b> {html.escape(summary.shipped.removeprefix('Model shipped: '))}</p>")

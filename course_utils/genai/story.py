@@ -265,7 +265,7 @@ def clean_image_prompt(raw: str, labels: list[str], style: str, catalog: Catalog
     """
     catalog = catalog or load_catalog()
     line = next((part.strip() for part in raw.strip().splitlines() if part.strip()), "")
-    sentence = line.split(". ")[0].strip().rstrip(".")
+    sentence = line.split(". ")[0].strip().rstrip(".,;: ")
     if not sentence.isascii() or len(sentence.split()) < 3:
         sentence = "A picture of " + ", ".join(labels or ["a photo"])
     anchors = [label for label in labels if label.lower() not in sentence.lower()]
