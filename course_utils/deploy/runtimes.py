@@ -80,7 +80,9 @@ class OrtRunner(Runner):
             options.intra_op_num_threads = threads
         providers: list[Any] = list(ORT_PROVIDERS[device])
         if device == "tensorrt":
-            input_name = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+            import onnx
+
+            input_name = onnx.load(str(path), load_external_data=False).graph.input[0].name  # options come first
             providers[0] = (providers[0], ort_tensorrt_options(input_name, input_size, profile or BatchProfile(1, 4, 8),
                                                                precision, workspace_mb, cache_dir))
         self.device, self.precision, self._threads = device, precision, threads
