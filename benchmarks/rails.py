@@ -1,16 +1,17 @@
-"""Story rails on held-out prompts: dev vs frozen test per configuration, category and language; output rails;
-labels; rails latency.
+"""Story rails on held-out prompts: dev (out of fold) vs the frozen test parts per configuration, category and
+language; output rails; labels; rails latency.
 
 Scores every local rail configuration (no LLM needed; ``self_check`` is in benchmarks/story.py) on the
 development part (``data/story/redteam.yaml``, what the rules and the classifier were tuned on) and on the
-frozen test parts (``redteam_test.yaml``, never tuned on; ``redteam_test2.yaml``, written after the first was
-scored once). For the learned classifier the honest development
-figure is out of fold (5-fold, the classifier never saw the prompt it scores): printed as ``guarded
-(dev, out of fold)``. Then the output rails on labeled story passages, the share of ImageNet's 1000 class
-names the input rails drop when used as labels, and the rails' p50 latency per prompt (NeMo input + dialog
-rails, this machine's cores). With an NVIDIA key in $NVIDIA_API_KEY the ``nemoguard`` configuration runs too.
+frozen test parts: ``redteam_test.yaml`` and ``redteam_test2.yaml`` are *seen* (their scores were read while
+tuning), ``redteam_test3.yaml`` is the unseen one (written by an author who never saw the rules, opened after
+the rails were frozen). For the learned classifier the honest development figure is out of fold (5 folds, the
+classifier never saw the prompt it scores): ``guarded (out of fold)``; ``guarded`` on dev is in-sample and
+means nothing. Then the output rails on labeled story passages, the share of ImageNet's 1000 class names the
+input rails drop when used as labels, and the rails' p50 latency per prompt (NeMo input + dialog rails, this
+machine's cores). With an NVIDIA key in $NVIDIA_API_KEY the ``nemoguard`` configuration runs too.
 
-    .venv/bin/python benchmarks/rails.py [--spec default] [--configurations deterministic guarded]
+    .venv/bin/python benchmarks/rails.py [--spec default] [--splits dev test test2 test3] [--no-labels]
 """
 
 from __future__ import annotations
@@ -23,31 +24,18 @@ from course_utils.core.config import load_config
 from course_utils.core.report import markdown_table
 from course_utils.genai.safety_classifier import classifier_cache_dir, default_classifier
 from course_utils.genai.story_rails import (
-    OUTPUT_DEV_FILE,
-    OUTPUT_TEST_FILE,
-    REDTEAM_FILE,
-    REDTEAM_TEST2_FILE,
-    REDTEAM_TEST_FILE,
-    RedTeamResult,
-    Verdict,
-    default_blocklist,
+    RedTeamItem,
     evaluate_output_rails,
     evaluate_rails,
     load_passages,
     load_redteam,
+    out_of_fold,
     output_markdown,
+    output_parts,
     redteam_markdown,
+    redteam_parts,
     safety_models,
 )
-
-
-def out_of_fold(items: list, cache: object) -> RedTeamResult:
-    """The guarded input rails on dev without the dialog rails, the classifier scored out of fold."""
-    classifier = default_classifier("input", cache)  # type: ignore[arg-type]
-    blocklist = default_blocklist()
-    verdicts = [Verdict(blocklist.check(i.text) is not None or score > classifier.threshold)
-                for i, score in zip(items, classifier.oof_scores)]
-    return RedTeamResult("guarded (dev, out of fold)", items, verdicts, [], split="dev")
 
 
 def imagenet_labels() -> list[str]:
@@ -60,8 +48,9 @@ def imagenet_labels() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="default")
-    parser.add_argument("--splits", nargs="+", default=["dev", "test", "test2"])
+    parser.add_argument("--splits", nargs="+", default=list(redteam_parts()), choices=list(redteam_parts()))
     parser.add_argument("--configurations", nargs="+", default=["deterministic", "semantic", "guarded", "nemoguard"])
+    parser.add_argument("--no-labels", action="store_true", help="skip the ImageNet class names")
     args = parser.parse_args()
     config = load_config(args.spec)
     cache, safety = classifier_cache_dir(config), safety_models(config)
@@ -71,11 +60,10 @@ def main() -> None:
         print(f"{source} classifier: {default_classifier(source, cache).describe()}")
     print(f"classifiers trained or loaded in {time.perf_counter() - started:.1f} s\n")
 
-    dev = load_redteam(REDTEAM_FILE)
-    parts = {"dev": dev, "test": load_redteam(REDTEAM_TEST_FILE), "test2": load_redteam(REDTEAM_TEST2_FILE)}
-    results = [out_of_fold(dev, cache)]
+    parts = {split: load_redteam(path) for split, path in redteam_parts().items() if split in args.splits}
+    results = [out_of_fold(parts["dev"], cache)] if "dev" in parts else []
     for name in args.configurations:
-        for split, items in ((s, parts[s]) for s in args.splits):
+        for split, items in parts.items():
             results.append(evaluate_rails(name, items, split=split, safety=safety, cache_dir=cache))
     print("## Input and dialog rails: blocked adversarial prompts, false positives on benign ones\n")
     print(redteam_markdown(results) + "\n")
@@ -93,14 +81,17 @@ def main() -> None:
         print()
 
     print("## Output rails on labeled story passages\n")
+    passages = {split: path for split, path in output_parts().items() if split in args.splits}
     outputs = [evaluate_output_rails(name, load_passages(path), split=split, safety=safety, cache_dir=cache)
                for name in args.configurations if name != "nemoguard" or safety is not None
-               for split, path in (("dev", OUTPUT_DEV_FILE), ("test", OUTPUT_TEST_FILE))]
+               for split, path in passages.items()]
     print(output_markdown(outputs) + "\n")
+    if args.no_labels:
+        return
 
     print("## Labels: ImageNet's class names through the input rails (as a folder of photos would be)\n")
     labels = imagenet_labels()
-    label_items = [type(dev[0])(label, False, "label") for label in labels]
+    label_items = [RedTeamItem(label, False, "label") for label in labels]
     for name in args.configurations:
         result = evaluate_rails(name, label_items, split="imagenet labels", safety=safety, cache_dir=cache,
                                 stages=("input",))  # labels go through the input rails only (StoryTeller.screen)

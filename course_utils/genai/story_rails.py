@@ -59,8 +59,13 @@ NEMOGUARD_FILE = RAILS_DIR / "nemoguard.yml"
 REDTEAM_FILE = STORY_DATA / "redteam.yaml"
 REDTEAM_TEST_FILE = STORY_DATA / "redteam_test.yaml"
 REDTEAM_TEST2_FILE = STORY_DATA / "redteam_test2.yaml"  # written after the first test part was scored once
+# The third frozen part, by an author who never saw the rules, opened only after the rails were frozen: the
+# first two were scored while tuning (their figures were read before changes), so they are "seen" test parts.
+REDTEAM_TEST3_FILE = STORY_DATA / "redteam_test3.yaml"
 OUTPUT_DEV_FILE = STORY_DATA / "output_dev.yaml"
 OUTPUT_TEST_FILE = STORY_DATA / "output_test.yaml"
+OUTPUT_TEST3_FILE = STORY_DATA / "output_test3.yaml"
+SEEN_TEST_SPLITS = ("test", "test2")
 LABEL_SCREEN = "label screen"
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -344,7 +349,7 @@ def classifier_action(cache_dir: Path | None = None) -> Callable[..., Awaitable[
         if not result.blocked:
             return RailOutcome.allow(metadata=metadata)
         return RailOutcome.block(reason=f"{result.category}: classifier {result.score:.2f} > "
-                                        f"{classifier.threshold:.2f}", metadata=metadata)
+                                        f"{classifier.threshold_for(text or ''):.2f}", metadata=metadata)
 
     return classifier_check
 
@@ -801,6 +806,19 @@ def load_redteam(path: Path = REDTEAM_FILE, sample: int | None = None, seed: int
     return spread[: sample // 2] + rng.sample(benign, min(len(benign), sample - sample // 2))
 
 
+def redteam_parts() -> dict[str, Path]:
+    """The red-team files by split: "dev" (tuned on), "test" and "test2" (frozen, but seen: their scores were read
+    while tuning), "test3" (frozen and unseen until the rails were frozen; when present)."""
+    parts = {"dev": REDTEAM_FILE, "test": REDTEAM_TEST_FILE, "test2": REDTEAM_TEST2_FILE}
+    return {**parts, "test3": REDTEAM_TEST3_FILE} if REDTEAM_TEST3_FILE.is_file() else parts
+
+
+def output_parts() -> dict[str, Path]:
+    """The labeled story passages of the output rail by split: "dev", "test" (seen) and "test3" (when present)."""
+    parts = {"dev": OUTPUT_DEV_FILE, "test": OUTPUT_TEST_FILE}
+    return {**parts, "test3": OUTPUT_TEST3_FILE} if OUTPUT_TEST3_FILE.is_file() else parts
+
+
 def _round_robin(groups: list[list[T]]) -> Iterator[list[T]]:
     for index in range(max((len(g) for g in groups), default=0)):
         yield [g[index] for g in groups if index < len(g)]
@@ -880,6 +898,25 @@ class RedTeamResult:
         for lang, rates in self.by_language().items():
             row[f"block_rate_{lang}"], row[f"false_positive_rate_{lang}"] = rates["block_rate"], rates["false_positive_rate"]
         return row
+
+
+def out_of_fold(items: list[RedTeamItem], cache_dir: Path | None = None) -> RedTeamResult:
+    """The honest development figure of ``guarded``'s input rails: every dev prompt judged by the keyword rules
+    and by the classifier's out-of-fold score (a model trained without that prompt's fold).
+
+    ``items`` must be the whole development part in file order (``load_redteam(REDTEAM_FILE)``), the texts the
+    classifier was trained on; a sample or another file has no out-of-fold scores.
+    """
+    from course_utils.genai.safety_classifier import default_classifier, input_training_set
+
+    if [i.text for i in items] != input_training_set().texts:
+        raise RedTeamFileError("Out-of-fold scores exist for the whole development part only: pass "
+                               "load_redteam(REDTEAM_FILE) without a sample.")
+    classifier = default_classifier("input", cache_dir)
+    blocklist = default_blocklist()
+    verdicts = [Verdict(blocklist.check(i.text) is not None or score > classifier.threshold_for(i.text))
+                for i, score in zip(items, classifier.oof_scores)]
+    return RedTeamResult("guarded (out of fold)", items, verdicts, [], split="dev")
 
 
 async def _no_story(**kwargs: Any) -> str:
