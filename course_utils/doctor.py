@@ -68,6 +68,9 @@ def doctor_report(config: CourseConfig, probe_network: bool = True) -> dict[str,
     if env.tensorrt is None:
         steps.append("TensorRT not found: the course runs its ONNX Runtime path. On a Jetson, TensorRT comes "
                      "with JetPack; on x86 with an NVIDIA GPU, pip install tensorrt (see README).")
+    if env.jetson is not None and env.torch and not env.cuda_available:
+        steps.append(f"torch {env.torch} cannot use this Jetson's GPU: it is not JetPack's build (a pip install may "
+                     "have replaced it). Install NVIDIA's wheel again, then `make jetson` (README, On a Jetson).")
     missing = [name for name, version in env.stacks.items() if version is None]
     if missing:
         steps.append(f"Optional stacks not installed: {', '.join(missing)} (run `make venv`).")
@@ -84,6 +87,17 @@ def doctor_report(config: CourseConfig, probe_network: bool = True) -> dict[str,
     }
 
 
+def _jetson_lines(env: dict[str, Any]) -> list[str]:
+    """The Jetson's module, JetPack, power mode and the folders JetPack's torch and TensorRT load from."""
+    jetson = env["jetson"]
+    modes = ", ".join(f"{mode} {name}" for mode, name in sorted(jetson["power_modes"].items()))
+    return [
+        f"Jetson: {jetson['module']} · L4T {jetson['l4t']} · JetPack {jetson['jetpack']}",
+        f"Power mode: {jetson['power_mode'] or 'unknown (sudo nvpmodel -q)'}" + (f"; this board's: {modes}" if modes else ""),
+        *(f"  {name} from {where or 'nowhere (not importable)'}" for name, where in env["imported_from"].items()),
+    ]
+
+
 def format_doctor(report: dict[str, Any]) -> str:
     """The doctor report as text for a terminal or a notebook."""
     env = report["environment"]
@@ -91,8 +105,7 @@ def format_doctor(report: dict[str, Any]) -> str:
         f"Python {env['python']} on {env['machine']}, {env['cpu_count']} CPU cores",
         f"torch {env['torch'] or 'not installed'}; CUDA: "
         + (f"{env['gpu_name']} (sm {env['compute_capability']})" if env["cuda_available"] else "no"),
-        f"Jetson: {env['jetson']['module']} · L4T {env['jetson']['l4t']} · JetPack {env['jetson']['jetpack']}"
-        if env["jetson"] else "Jetson: no",
+        *(_jetson_lines(env) if env["jetson"] else ["Jetson: no"]),
         f"TensorRT: {env['tensorrt'] or 'not installed'}",
         f"ONNX Runtime providers: {', '.join(env['onnxruntime_providers']) or 'onnxruntime not installed'}",
         f"Network: {'online' if env['online'] else 'offline (' + str(env['offline_reason']) + ')'}",

@@ -21,6 +21,12 @@ def test_checkpoints_with_numpy_metadata_load_safely(tmp_path: Path) -> None:
     path = tmp_path / "published.pth"
     torch.save({"meta": {"epoch": np.int64(3), "acc": np.float64(0.9), "hist": np.arange(3)},
                 "state_dict": {"w": torch.ones(2)}}, path)
+    if not hasattr(torch.serialization, "add_safe_globals"):  # torch 2.3 (JetPack 6.0): no allowlist to extend
+        with pytest.raises(UnsafeCheckpointError, match="numpy.*torch 2.4 can"):
+            load_checkpoint_safely(path)
+        torch.save({"meta": {"epoch": 3}, "state_dict": {"w": torch.ones(2)}}, path)
+        assert torch.equal(state_dict_of(load_checkpoint_safely(path))["w"], torch.ones(2))
+        return
     checkpoint = load_checkpoint_safely(path)
     assert torch.equal(state_dict_of(checkpoint)["w"], torch.ones(2))
     assert checkpoint["meta"]["hist"].tolist() == [0, 1, 2]

@@ -22,6 +22,7 @@ from course_utils.core.config import CourseConfig, load_config
 from course_utils.core.ledger import Ledger
 from course_utils.deploy import jetson_kit
 from course_utils.deploy.kit_device import trt_kit
+from course_utils.deploy.onnx_export import exporter_options
 from course_utils.deploy.runtimes import OrtRunner, top1, validation_arrays
 from course_utils.vision import zoo
 from course_utils.vision.data import load_rgb, resolve_dataset
@@ -52,7 +53,8 @@ def _tiny_onnx(path: Path) -> Path:
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU6(),
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2)).eval()
     torch.onnx.export(net, torch.randn(2, 3, 224, 224), str(path), input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                      **exporter_options("torchscript"))
     return path
 
 

@@ -1,11 +1,20 @@
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from course_utils.core.config import CourseConfig, load_config
-from course_utils.core.notebooks import NOTEBOOKS_DIR, course_notebooks, notebook_parameters, run_all
+from course_utils.core.notebooks import (
+    NOTEBOOKS_DIR,
+    PeakMemory,
+    course_notebooks,
+    notebook_parameters,
+    run_all,
+)
 
 
 def _notebook(path: Path, body: str) -> None:
@@ -36,6 +45,7 @@ def test_run_all_executes_in_order_and_writes_the_report(tmp_path: Path, config:
     assert results["zoo"]["metrics"]["spec"] == "smoke"
     assert results["zoo"]["metrics"]["seed"] == 7, "run-all hands its overrides to every notebook"
     assert set(results["course"]["metrics"]["notebooks"]) == {"00_first", "01_second"}
+    assert all(mb > 0 for mb in results["course"]["metrics"]["peak_rss_mb"].values()), "each kernel's peak memory"
     report = (run_dir / "report.md").read_text()
     assert report.index("00 · Machine") < report.index("01 · Pretrained") and (run_dir / "report.html").exists()
 
@@ -49,3 +59,13 @@ def test_a_spec_file_survives_the_trip_to_the_notebooks(tmp_path: Path, monkeypa
     again = load_config(parameters["SPEC"], parameters["OVERRIDES"], environ={})
     assert (again.spec, again.experiment, again.seed) == (config.spec, "mine", 5)
     assert again.model_dump() == config.model_dump()
+
+
+def test_peak_memory_counts_the_children_this_process_starts() -> None:
+    hold_300_mb = "import time; block = bytearray(300 * 2**20); time.sleep(1.5)"
+    with PeakMemory(interval_s=0.1) as memory:
+        subprocess.run([sys.executable, "-c", hold_300_mb], check=True)
+    assert memory.peak_mb >= 300
+    with PeakMemory(interval_s=0.1) as idle:
+        time.sleep(0.3)
+    assert idle.peak_mb < 300

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import types
 import warnings
@@ -76,6 +77,10 @@ def test_dynamo_export_traced_at_batch_two_stays_dynamic(tmp_path: Path) -> None
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(8, 5)).eval()
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:  # torch < 2.5 (JetPack 6.0)
+        with pytest.raises(ox.ExportError, match="needs torch 2.5.*export.exporter=torchscript"):
+            ox.export_onnx(model, tmp_path / "dynamo.onnx", 16, exporter="dynamo", opset=18)
+        return
     path = ox.export_onnx(model, tmp_path / "dynamo.onnx", 16, exporter="dynamo", opset=18)
     assert ox.batch_dimension(path) == "batch"
     assert onnx.load(str(path)).opset_import[0].version == 18
@@ -92,8 +97,8 @@ def test_static_batch_is_caught(lite0: zoo.Classifier, tmp_path: Path) -> None:
     path = tmp_path / "static.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(lite0, (torch.randn(1, 3, SMALL, SMALL),), str(path), dynamo=False,
-                          input_names=["images"], output_names=["logits"])
+        torch.onnx.export(lite0, (torch.randn(1, 3, SMALL, SMALL),), str(path),
+                          **ox.exporter_options("torchscript"), input_names=["images"], output_names=["logits"])
     with pytest.raises(ox.ExportError, match="static batch of 1"):
         ox.check_dynamic_batch(path)
 
@@ -141,8 +146,9 @@ def test_unpatched_swin_export_is_silently_wrong(tmp_path: Path, monkeypatch: py
     path = tmp_path / "unpatched.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), str(path), dynamo=False, input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), str(path), **ox.exporter_options("torchscript"),
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
     assert go.ParityChecker(model, 32, batches=(2,)).check(path).passed
     at_three = go.ParityChecker(model, 32, batches=(3,)).check(path)
     assert not at_three.passed and at_three.max_rel_diff > 100 * go.PARITY_TOLERANCE, at_three

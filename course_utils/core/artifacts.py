@@ -254,7 +254,7 @@ class EnginesRecord(StageRecord):
     """
 
     stage: ClassVar[str] = "engines"
-    made_by: ClassVar[str] = "notebook 05 (`python -m course_utils build-engine`)"
+    made_by: ClassVar[str] = "notebooks 05 (FP32, FP16) and 06 (INT8) (`python -m course_utils build-engine`)"
 
     engines: dict[str, FileRef] = Field(default_factory=dict)
     tensorrt: str | None = None
@@ -262,10 +262,11 @@ class EnginesRecord(StageRecord):
 
 
 class BenchmarkRecord(StageRecord):
-    """Latency, throughput and top-1 of every runtime of the deployed model on this machine."""
+    """The final benchmark: latency, throughput and top-1 of every runtime and precision of the deployed model
+    on this machine (``course_utils.deploy.final_benchmark``); ``made_from`` names every file it measured."""
 
     stage: ClassVar[str] = "benchmark"
-    made_by: ClassVar[str] = "notebook 05 (`python -m course_utils benchmark`)"
+    made_by: ClassVar[str] = "notebook 07's final benchmark (`python -m course_utils benchmark`)"
 
 
 class DeviceRunRecord(StageRecord):

@@ -14,14 +14,20 @@ import os
 import platform
 import random
 import re
+import shutil
 import socket
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from course_utils.core.jetpack import PROVIDED, find_provided
+
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
 CUDA_VERSION_FILE = Path("/usr/local/cuda/version.json")  # written by JetPack and the CUDA toolkit
+NVPMODEL_CONF = Path("/etc/nvpmodel.conf")  # the board's power modes: "< POWER_MODEL ID=0 NAME=15W >"
+NVPMODEL_STATUS = Path("/var/lib/nvpmodel/status")  # the mode set last: "pmode:0000 fmode:..."
 ONLINE_PROBE = ("download.pytorch.org", 443)
 
 # L4T (R<major>.<minor>[.<patch>]) -> JetPack release and the TensorRT it ships.
@@ -61,12 +67,14 @@ OPTIONAL_STACKS = {
 
 @dataclass
 class JetsonInfo:
-    """A Jetson module as read from the L4T release file and the device tree."""
+    """A Jetson module as read from the L4T release file, the device tree and nvpmodel."""
 
     l4t: str
     jetpack: str | None
     tensorrt_shipped: str | None
     module: str | None
+    power_mode: str | None = None  # "15W (mode 0)"; None when neither nvpmodel nor its status file tells
+    power_modes: dict[int, str] = field(default_factory=dict)  # every mode this board has, by id
 
 
 @dataclass
@@ -87,6 +95,8 @@ class EnvironmentReport:
     online: bool = False
     offline_reason: str | None = None
     stacks: dict[str, str | None] = field(default_factory=dict)
+    # Where torch, torchvision and tensorrt are imported from (None: not importable): on a Jetson, JetPack's builds.
+    imported_from: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def course_path(self) -> str:
@@ -117,8 +127,46 @@ def jetpack_for_l4t(l4t: str) -> tuple[str | None, str | None]:
     return JETPACK_BY_L4T.get(major_minor, (None, None))
 
 
-def detect_jetson(release_file: Path = TEGRA_RELEASE, model_file: Path = DEVICE_TREE_MODEL) -> JetsonInfo | None:
-    """Describe the Jetson this runs on, or None on any other machine."""
+def parse_power_modes(conf_text: str) -> dict[int, str]:
+    """The power modes ``/etc/nvpmodel.conf`` defines, ``{0: "15W", 1: "7W", ...}``."""
+    return {int(mode): name for mode, name in re.findall(r"<\s*POWER_MODEL\s+ID=(\d+)\s+NAME=([^\s>]+)", conf_text)}
+
+
+def nvpmodel_query() -> tuple[str, int | None] | None:
+    """The mode ``nvpmodel -q`` reports (``NV Power Mode: MAXN`` then its id), or None where it cannot tell."""
+    if shutil.which("nvpmodel") is None:
+        return None
+    try:
+        done = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    name = re.search(r"NV Power Mode:\s*(\S+)", done.stdout)
+    if name is None:
+        return None
+    mode = re.search(r"^\s*(\d+)\s*$", done.stdout[name.end():], re.MULTILINE)
+    return name.group(1), int(mode.group(1)) if mode else None
+
+
+def detect_power_mode(modes: dict[int, str], status_file: Path = NVPMODEL_STATUS) -> str | None:
+    """The power mode as ``"15W (mode 0)"``: from ``nvpmodel -q``, else the id in nvpmodel's status file.
+
+    ``modes`` (from :func:`parse_power_modes`) names an id read from the status file.
+    """
+    queried = nvpmodel_query()
+    if queried is not None:
+        name, mode = queried
+        return name if mode is None else f"{name} (mode {mode})"
+    status = status_file.read_text(errors="replace") if status_file.exists() else ""
+    match = re.search(r"pmode:(\d+)", status)
+    if match is None:
+        return None
+    mode = int(match.group(1))
+    return f"{modes.get(mode, 'unnamed')} (mode {mode})"
+
+
+def detect_jetson(release_file: Path = TEGRA_RELEASE, model_file: Path = DEVICE_TREE_MODEL,
+                  nvpmodel_conf: Path = NVPMODEL_CONF, nvpmodel_status: Path = NVPMODEL_STATUS) -> JetsonInfo | None:
+    """Describe the Jetson this runs on, its power mode included, or None on any other machine."""
     if not release_file.exists():
         return None
     l4t = parse_tegra_release(release_file.read_text(errors="replace"))
@@ -126,7 +174,9 @@ def detect_jetson(release_file: Path = TEGRA_RELEASE, model_file: Path = DEVICE_
         return None
     jetpack, tensorrt = jetpack_for_l4t(l4t)
     module = model_file.read_text(errors="replace").strip("\x00\n ") if model_file.exists() else None
-    return JetsonInfo(l4t=l4t, jetpack=jetpack, tensorrt_shipped=tensorrt, module=module)
+    modes = parse_power_modes(nvpmodel_conf.read_text(errors="replace")) if nvpmodel_conf.exists() else {}
+    return JetsonInfo(l4t=l4t, jetpack=jetpack, tensorrt_shipped=tensorrt, module=module,
+                      power_mode=detect_power_mode(modes, nvpmodel_status), power_modes=modes)
 
 
 def package_version(module: str) -> str | None:
@@ -204,6 +254,8 @@ def detect_environment(probe_network: bool = True, offline: bool = False) -> Env
         jetson=detect_jetson(),
         tensorrt=tensorrt_version(),
         stacks={name: package_version(name) for name in OPTIONAL_STACKS},
+        imported_from={name: str(found.location) if (found := find_provided(name)).location else None
+                       for name in PROVIDED},
     )
     if report.stacks.get("torch"):
         import torch

@@ -51,8 +51,7 @@ def describe_machine() -> dict[str, str]:
         machine["gpu"] = gpu
     if (jetson := detect_jetson()) is not None:
         machine["jetson"] = f"{jetson.module or 'Jetson'} (L4T {jetson.l4t}, JetPack {jetson.jetpack or 'unknown'})"
-        power = _command_line(["nvpmodel", "-q"])  # "NV Power Mode: MAXN"
-        machine["power_mode"] = power.partition(":")[2].strip() if power and ":" in power else "unknown"
+        machine["power_mode"] = jetson.power_mode or "unknown"
     return machine
 
 

@@ -64,6 +64,24 @@ def effective_opset(exporter: Exporter, opset: int) -> int:
     return max(opset, DYNAMO_MIN_OPSET) if exporter == "dynamo" else opset
 
 
+def exporter_options(exporter: Exporter) -> dict[str, bool]:
+    """What ``torch.onnx.export`` needs to run ``exporter``: ``{"dynamo": ...}`` on torch >= 2.5, which added it.
+
+    Before 2.5 (JetPack 6.0's torch 2.3 and 2.4), ``torch.onnx.export`` is the TorchScript exporter alone and
+    the dynamo one is another, experimental API (``torch.onnx.dynamo_export``): the course refuses it there.
+    """
+    import inspect
+
+    import torch
+
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        return {"dynamo": exporter == "dynamo"}
+    if exporter == "dynamo":
+        raise ExportError(f"The dynamo exporter needs torch 2.5 or later, and this is torch {torch.__version__}: "
+                          "set export.exporter=torchscript.")
+    return {}
+
+
 def _uses_mmpretrain(model: Any) -> bool:
     return any(type(module).__module__.startswith("mmpretrain") for module in model.modules())
 
@@ -99,6 +117,7 @@ def export_onnx(model: Any, path: Path, input_size: int, exporter: Exporter = "t
                          "batch of 1 (the dynamo exporter silently), and the ONNX graph then accepts batch 1 only.")
     if exporter not in ("torchscript", "dynamo"):
         raise ValueError(f"Unknown exporter {exporter!r}: choose 'torchscript' or 'dynamo' (export.exporter).")
+    options = exporter_options(exporter)
     if _uses_mmpretrain(model):
         from course_utils.vision.compat import patch_swin_window_reverse
 
@@ -108,7 +127,7 @@ def export_onnx(model: Any, path: Path, input_size: int, exporter: Exporter = "t
     with _quiet_export(), torch.no_grad():
         if exporter == "dynamo":
             program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                model, (example,), **options, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 opset_version=effective_opset(exporter, opset), dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},),
                 optimize=True, verbose=False)
             assert program is not None  # torch.onnx.export returns the program when not given a file
@@ -130,8 +149,8 @@ def _torchscript_export(model: Any, example: Any, opset: int) -> Any:
 
     with tempfile.TemporaryDirectory(prefix="course-export-") as folder:
         target = Path(folder) / "model.onnx"
-        torch.onnx.export(model, (example,), str(target), dynamo=False, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], opset_version=opset,
+        torch.onnx.export(model, (example,), str(target), **exporter_options("torchscript"),
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
                           dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}})
         return onnx.load(str(target))
 

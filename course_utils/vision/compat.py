@@ -1,4 +1,4 @@
-"""Compatibility fixes for running mmpretrain 1.2 (2023) on torch 2.14 and numpy 2.4, in one place.
+"""Compatibility fixes for running mmpretrain 1.2 (2023) on torch 2.3 to 2.14 and numpy 1.26 to 2.4, in one place.
 
 Every fix says what breaks and why the fix is safe. Stages call these functions; no notebook
 patches a library itself.
@@ -61,22 +61,44 @@ class UnsafeCheckpointError(CourseError, RuntimeError):
     """A checkpoint that pickles objects the course will not unpickle."""
 
 
+@contextlib.contextmanager
+def _allowing_checkpoint_globals() -> Iterator[str | None]:
+    """Within it, ``torch.load(weights_only=True)`` also takes :func:`_checkpoint_globals`; yields why it cannot.
+
+    torch >= 2.5 scopes the allowance to the block (``safe_globals``). torch 2.4 (JetPack 6.0) has only the
+    process-wide ``add_safe_globals``: registering these plain-data types for the process is as safe, and
+    idempotent. torch 2.3 has no way to extend its allowlist: checkpoints that are tensors and plain Python
+    (the course's own, EfficientNet-Lite's) load; one with numpy metadata is refused, saying why.
+    """
+    import torch
+
+    serialization: Any = torch.serialization
+    if hasattr(serialization, "safe_globals"):
+        with serialization.safe_globals(_checkpoint_globals()):
+            yield None
+    elif hasattr(serialization, "add_safe_globals"):
+        serialization.add_safe_globals([entry for entry in _checkpoint_globals() if not isinstance(entry, tuple)])
+        yield None
+    else:
+        yield f"torch {torch.__version__} cannot allow numpy's plain types in a weights-only load (torch 2.4 can)"
+
+
 def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``, allowing only numpy's plain-data types besides tensors."""
     import pickle
 
     import torch
 
-    try:
-        with torch.serialization.safe_globals(_checkpoint_globals()):
+    with _allowing_checkpoint_globals() as limitation:
+        try:
             return torch.load(Path(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        detail = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-        raise UnsafeCheckpointError(
-            f"{path} pickles more than weights ({detail}). The course does not unpickle arbitrary objects. "
-            "If you trust the file, extract its weights once: "
-            "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')."
-        ) from None
+        except pickle.UnpicklingError as error:
+            detail = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise UnsafeCheckpointError(
+                f"{path} pickles more than weights ({detail}{'; ' + limitation if limitation else ''}). The course "
+                "does not unpickle arbitrary objects. If you trust the file, extract its weights once: "
+                "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')."
+            ) from None
 
 
 def state_dict_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
