@@ -146,6 +146,9 @@ def test_threshold_mode_records_its_effective_ratio(cnn: zoo.Classifier) -> None
     recipe = prune.pruning_record(pruned)["recipe"]
     assert recipe["threshold"] == 0.9 and 0.0 < recipe["effective_ratio"] < 0.9
     assert prune.macs_and_params(pruned)[1] < prune.macs_and_params(cnn)[1]
+    in_steps = prune.prune_classifier(cnn, threshold=0.9, granularity=1, steps=2)
+    assert prune.pruning_record(in_steps)["recipe"]["effective_ratio"] == recipe["effective_ratio"]
+    assert prune.macs_and_params(in_steps)[1] < prune.macs_and_params(cnn)[1]
 
 
 def test_taylor_needs_samples_and_uses_them(cnn: zoo.Classifier, tmp_path: Path) -> None:
@@ -180,9 +183,12 @@ def test_sweep_table_and_plot() -> None:
                             10.0, 60.0, 0.95 - ratio, 0.95 - ratio / 2, 1.0, f"r{ratio}.pt")
             for ratio in (0.0, 0.5)]
     rows = prune.sweep_rows(runs)
-    assert [row["MACs (M)"] for row in rows] == [400.0, 100.0] and rows[1]["top-1 retrained"] == 0.7
+    assert [row["MACs (M)"] for row in rows] == [400.0, 100.0] and rows[1]["val top-1 retrained"] == 0.7
+    assert rows[1]["distilled"] == "no" and rows[1]["dev top-1 retrained"] == ""
     figure = prune.accuracy_vs_macs(runs)
     assert len(figure.axes[0].lines) == 2
+    compared = prune.accuracy_vs_macs(runs, compare={"without distillation": runs[1:]})
+    assert len(compared.axes[0].lines) == 3
 
 
 def test_coupled_layers_follow_depthwise_and_residual_links(cnn: zoo.Classifier) -> None:
@@ -229,3 +235,146 @@ def test_prune_and_retrain_measures_once_per_benchmark_settings(cnn: zoo.Classif
     assert again.latency_ms_b1 == again.latency_ms_b8 == 1.0 and again.macs == first.macs
     assert [(t["batch"], t["iterations"]) for t in timed] == [(1, config.benchmark.iterations),
                                                              (8, config.benchmark.iterations)]
+
+
+def _logits(batch: int = 6, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, classes, generator=generator), torch.randint(0, classes, (batch,), generator=generator)
+
+
+def test_distillation_at_alpha_zero_is_the_training_cross_entropy() -> None:
+    from course_utils.vision.finetune import LABEL_SMOOTHING
+
+    student, labels = _logits()
+    teacher, _ = _logits(seed=1)
+    loss = prune.DistillationLoss(torch.nn.Identity(), alpha=0.0).combine(student, teacher, labels)
+    expected = torch.nn.functional.cross_entropy(student, labels, label_smoothing=LABEL_SMOOTHING)
+    assert torch.allclose(loss, expected)
+
+
+def test_distillation_soft_part_vanishes_only_when_student_matches_teacher() -> None:
+    student, labels = _logits()
+    soft_only = prune.DistillationLoss(torch.nn.Identity(), alpha=1.0, temperature=4.0)
+    assert soft_only.combine(student, student.clone(), labels).abs().item() < 1e-6
+    assert soft_only.combine(student, _logits(seed=1)[0], labels).item() > 0.01
+    half = prune.DistillationLoss(torch.nn.Identity(), alpha=0.5).combine(student, student.clone(), labels)
+    hard = prune.DistillationLoss(torch.nn.Identity(), alpha=0.0).combine(student, student.clone(), labels)
+    assert torch.allclose(half, 0.5 * hard, atol=1e-6)
+
+
+def test_distillation_trains_the_student_only_with_the_teacher_in_eval_mode() -> None:
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 3), torch.nn.Dropout(0.5)).train()
+    student = torch.nn.Linear(8, 3)
+    images, labels = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+    distil = prune.DistillationLoss(teacher, alpha=0.9, temperature=2.0)
+    loss = distil(student(images), images, labels)
+    loss.backward()
+    assert student.weight.grad is not None and student.weight.grad.abs().sum() > 0
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+    assert not teacher.training, "the teacher scores in evaluation mode (no dropout, frozen batch norms)"
+    again = distil(student(images), images, labels)
+    assert torch.allclose(loss, again), "an evaluation-mode teacher gives the same soft targets every time"
+
+
+def test_distillation_settings_are_checked() -> None:
+    with pytest.raises(prune.PruningError, match="alpha"):
+        prune.DistillationLoss(torch.nn.Identity(), alpha=1.5)
+    with pytest.raises(prune.PruningError, match="temperature"):
+        prune.DistillationLoss(torch.nn.Identity(), temperature=0.0)
+
+
+def test_iterative_pruning_reaches_the_requested_ratio(cnn: zoo.Classifier) -> None:
+    retrained: list[tuple[int, int]] = []
+
+    def between(model: zoo.Classifier, step: int) -> None:
+        retrained.append((step, prune.layer_widths(model)["net.conv_head"]))
+
+    one_shot = prune.prune_classifier(cnn, ratio=0.5)
+    in_steps = prune.prune_classifier(cnn, ratio=0.5, steps=3, between_steps=between)
+    assert prune.layer_widths(in_steps) == prune.layer_widths(one_shot)
+    full, final = prune.layer_widths(cnn)["net.conv_head"], prune.layer_widths(one_shot)["net.conv_head"]
+    assert [step for step, _ in retrained] == [0, 1], "retrained after every step but the last"
+    assert full > retrained[0][1] > retrained[1][1] > final, "each step removes a part of the channels"
+    assert prune.pruning_record(in_steps)["recipe"]["steps"] == 3
+    with pytest.raises(prune.PruningError, match="at least one step"):
+        prune.prune_classifier(cnn, ratio=0.5, steps=0)
+
+
+def _noise_samples(folder: Path, count: int, size: int = 64) -> list[tuple[Path, int]]:
+    rng = np.random.default_rng(0)
+    samples = []
+    for index in range(count):
+        path = folder / f"noise{index}.png"
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+        samples.append((path, index % len(CLASSES)))
+    return samples
+
+
+@pytest.mark.parametrize("importance", ["fpgm", "hessian"])
+def test_more_criteria_prune_and_differ_from_l2(cnn: zoo.Classifier, importance: str, tmp_path: Path) -> None:
+    pruned = prune.prune_classifier(cnn, ratio=0.25, importance=importance, samples=_noise_samples(tmp_path, 6))
+    l2 = prune.prune_classifier(cnn, ratio=0.25, importance="l2")
+    assert prune.layer_widths(pruned) == prune.layer_widths(l2), "the criterion picks which channels, not how many"
+    assert prune.pruning_record(pruned)["history"] != prune.pruning_record(l2)["history"]
+
+
+def test_hessian_needs_samples(cnn: zoo.Classifier) -> None:
+    with pytest.raises(prune.PruningError, match="importance='hessian' needs data"):
+        prune.prune_classifier(cnn, ratio=0.25, importance="hessian")
+
+
+def test_dev_split_is_stratified_disjoint_and_fixed(tmp_path: Path) -> None:
+    from course_utils.vision.data import ImageFolderDataset, dev_split
+
+    train = [(tmp_path / f"{label}_{index}.jpg", label) for label in range(3) for index in range(10)]
+    dataset = ImageFolderDataset(tmp_path, "toy", "test", CLASSES, {"train": train, "val": train[:3]})
+    split = dev_split(dataset, fraction=0.2, seed=7)
+    assert sorted(split.samples["train"] + split.samples["val"]) == sorted(train)
+    assert not set(split.samples["train"]) & set(split.samples["val"])
+    assert sorted(label for _, label in split.samples["val"]) == [0, 0, 1, 1, 2, 2]
+    assert dev_split(dataset, fraction=0.2, seed=7).samples == split.samples
+    assert dev_split(dataset, fraction=0.2, seed=8).samples["val"] != split.samples["val"]
+
+
+@pytest.mark.parametrize("change", [{"prune.distill_alpha": 1.5}, {"prune.distill_temperature": 0},
+                                    {"prune.steps": 0}, {"prune.dev_fraction": 1.0}, {"prune.sweep": [0.0, 1.2]},
+                                    {"prune.importance": "l3"}])
+def test_prune_spec_options_are_validated(change: dict[str, object]) -> None:
+    from course_utils.core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="prune"):
+        load_config("default", change, environ={})
+
+
+def test_prune_and_retrain_distils_and_picks_its_epoch_on_dev(cnn: zoo.Classifier, config: CourseConfig,
+                                                              tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from course_utils.vision import finetune
+    from course_utils.vision.data import ImageFolderDataset
+
+    samples = _noise_samples(tmp_path, 12, size=32)
+    dataset = ImageFolderDataset(tmp_path, "tiny", "test", CLASSES, {"train": samples[3:], "val": samples[:3]})
+    config.prune.distill, config.prune.steps, config.prune.step_epochs = True, 2, 1
+    calls: list[tuple[int, object, int]] = []
+    real_fit = finetune.fit
+
+    def spy(model: zoo.Classifier, data: ImageFolderDataset, settings: CourseConfig,
+            **kwargs: object) -> finetune.TrainResult:
+        calls.append((len(data.samples["train"]), kwargs.get("loss_fn"), settings.train.epochs_finetune))
+        assert not set(data.samples["val"]) & set(data.samples["train"]), "the epoch is picked on held-out dev"
+        assert not set(data.samples["val"]) & set(dataset.samples["val"]), "never on the validation split"
+        return real_fit(model, data, settings, **kwargs)
+
+    monkeypatch.setattr(finetune, "fit", spy)
+    monkeypatch.setattr(prune, "cpu_latency_ms", lambda *args, **kwargs: 1.0)  # timing is tested above
+    run = prune.prune_and_retrain(cnn, dataset, config, ratio=0.25)
+    assert [(n, e) for n, _, e in calls] == [(6, 1), (6, config.prune.retrain_epochs)]
+    assert all(isinstance(loss, prune.DistillationLoss) for _, loss, _ in calls)
+    assert run.distilled and run.dev_top1_after_retrain is not None and run.macs > 0
+    assert prune.pruning_record(prune.load_pruned(run.model_path))["recipe"]["steps"] == 2
+    plain = prune.without_distillation(config)
+    assert not plain.prune.distill and config.prune.distill
+    unpruned = prune.prune_and_retrain(cnn, dataset, config, ratio=0.0)
+    assert prune.prune_and_retrain(cnn, dataset, plain, ratio=0.0).model_path == unpruned.model_path, \
+        "the unpruned model is measured once, whatever the retraining settings"

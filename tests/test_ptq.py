@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,97 @@ def test_quantization_steps_exercise() -> None:
     assert exercises.check_quantization_steps({"s8": 6 / 127, "u8": 6 / 255}).passed
     with pytest.raises(AssertionError):
         exercises.check_quantization_steps({"s8": 6 / 255, "u8": 6 / 127}, strict=True)
+
+
+def test_recipe_options_name_the_variant_and_stay_onnxruntime_only() -> None:
+    base = Recipe("onnxruntime", "minmax")
+    assert Recipe("onnxruntime", "minmax", per_channel=False, quant_format="qoperator").name == \
+        "ort-u8s8-minmax-per-tensor-qop"
+    assert Recipe("onnxruntime", "minmax", prepare="ort-preprocess", reduce_range=True).name == \
+        "ort-u8s8-minmax-reduce-range-ort-preprocess"
+    kept = Recipe("onnxruntime", "minmax", keep_fp32=("a", "b"), label="slow")
+    assert kept.name == "ort-u8s8-minmax-fp32-slow2" and ptq.key_digest(asdict(kept)) != ptq.key_digest(asdict(base))
+    assert Recipe("onnxruntime", "minmax", extra=(("ForceQuantizeNoInputCheck", True),)).name.endswith(
+        "ForceQuantizeNoInputCheck=True")
+    with pytest.raises(QuantizationError, match="label="):
+        Recipe("onnxruntime", "minmax", keep_fp32=("a",))
+    with pytest.raises(QuantizationError, match="quantize_static"):
+        Recipe("modelopt", "max", "s8", "tensorrt", per_channel=False)
+
+
+@pytest.mark.parametrize("prepare", ["ort-preprocess", "ort-optimized", "onnxslim"])
+def test_every_preparation_keeps_the_fp32_outputs(tiny: OnnxModel, prepare: str, tmp_path: Path) -> None:
+    from course_utils.deploy.runtimes import OrtRunner
+
+    prepared = ptq.prepare_fp32(tiny.path, prepare, tmp_path / "prepared.onnx")  # type: ignore[arg-type]
+    assert prepared != tiny.path
+    data = images(4, 3)
+    with OrtRunner(prepared) as after, OrtRunner(tiny.path) as before:
+        np.testing.assert_allclose(after.run(data), before.run(data), rtol=1e-4, atol=1e-5)
+    assert ptq.prepare_fp32(tiny.path, "none", tmp_path / "unused.onnx") == tiny.path
+
+
+def ops_of(path: Path) -> list[str]:
+    import onnx
+
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def test_qoperator_and_layers_kept_in_fp32(tiny: OnnxModel, calibration: CalibrationSet, tmp_path: Path) -> None:
+    qop = ptq.quantize(tiny, Recipe("onnxruntime", "minmax", quant_format="qoperator"), calibration, tmp_path)
+    assert "QLinearConv" in ops_of(qop.path) and "DequantizeLinear" in ops_of(qop.path)
+    kinds = ptq.layer_kinds(tiny.path)
+    depthwise = tuple(name for name, kind in kinds.items() if kind == "depthwise")
+    kept = ptq.quantize(tiny, Recipe("onnxruntime", "minmax", keep_fp32=depthwise, label="depthwise"), calibration,
+                        tmp_path)
+    import onnx
+
+    graph = onnx.load(str(kept.path)).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    convs = {node.name: node for node in graph.node if node.op_type == "Conv"}
+    assert all(producers.get(convs[name].input[1]) != "DequantizeLinear" for name in depthwise)  # FP32 weights
+    others = [node for name, node in convs.items() if name not in depthwise]
+    assert others and all(producers.get(node.input[1]) == "DequantizeLinear" for node in others)
+
+
+def test_the_layer_profile_names_each_layer_and_its_kind(tiny: OnnxModel, calibration: CalibrationSet,
+                                                         tmp_path: Path) -> None:
+    kinds = ptq.layer_kinds(tiny.path)
+    assert sorted(kinds.values()) == ["depthwise", "fully connected", "pointwise", "stem"]
+    made = ptq.quantize(tiny, Recipe("onnxruntime", "minmax"), calibration, tmp_path)
+    times = ptq.layer_times(tiny.path, made.path, 2, SIZE, runs=3)
+    assert [t.node for t in times if t.kind != "fully connected"] == [n for n, k in kinds.items()
+                                                                      if k != "fully connected"]
+    assert all(t.fp32_ms > 0 and t.int8_ms > 0 for t in times)
+    assert ptq.layers_to_keep_fp32(times, min_gain=0.0) == ()
+    assert ptq.layers_to_keep_fp32(times, min_gain=float("inf")) == tuple(t.node for t in times)
+    summary = {row["kind"]: row for row in ptq.gains_by_kind(times)}
+    assert sum(row["layers"] for row in summary.values()) == len(times)
+    assert sum(row["share_of_int8_layer_time"] for row in summary.values()) == pytest.approx(1.0, abs=0.01)
+    ops = ptq.time_by_op(ptq.node_times(made.path, 2, SIZE, runs=2))
+    assert list(ops.values()) == sorted(ops.values(), reverse=True) and ops
+
+
+def test_the_cpu_model_is_chosen_on_dev_agreement_then_speed() -> None:
+    def dev(name: str, val_top1: float, agreement: float, b8: float) -> VariantResult:
+        return replace(result(name, val_top1, 1.0, b8), dev_agreement=agreement)
+
+    variants = [dev("best-on-val", 0.99, 0.995, 30), dev("fast", 0.90, 0.99, 20), dev("fastest", 0.95, 0.98, 10)]
+    assert ptq.best_cpu_variant(variants).name == "fast"  # the validation top-1 plays no part
+    assert ptq.best_cpu_variant([dev("a", 0.9, 0.97, 10), dev("b", 0.9, 0.98, 30)]).name == "b"
+    assert "dev_agreement_with_fp32" in variants[0].metrics() and "dev_agreement_with_fp32" not in \
+        result("plain", 0.9, 1.0, 10).metrics()
+
+
+def test_measure_int8_reports_the_dev_agreement(tiny: OnnxModel, calibration: CalibrationSet, quick: CourseConfig,
+                                                tmp_path: Path) -> None:
+    made = ptq.quantize(tiny, Recipe("onnxruntime", "minmax"), calibration, tmp_path)
+    dev_images, dev_reference = ptq.dev_predictions(tiny, calibration, quick)
+    assert dev_images.shape[0] == len(calibration) and dev_reference.shape == (len(calibration),)
+    flipped = (dev_reference + 1) % 4  # FP32 "predicting" another class on every image: agreement 0
+    measured = ptq.measure_int8(made, images(8, 1), np.zeros(8, int), quick, np.zeros(8, int), latency=False,
+                                dev=(dev_images, flipped))
+    assert measured.dev_agreement == 0.0
+    same = ptq.measure_int8(made, images(8, 1), np.zeros(8, int), quick, np.zeros(8, int), latency=False,
+                            dev=(dev_images, dev_reference))
+    assert same.dev_agreement is not None and same.dev_agreement >= 0.8

@@ -24,6 +24,8 @@ import hashlib
 import io
 import json
 import logging
+import math
+import re
 import shutil
 import subprocess
 import sys
@@ -63,14 +65,23 @@ class QuantizationError(CourseError, RuntimeError):
     """A quantization that cannot run as asked; the message says what to do."""
 
 
+Prepare = Literal["none", "ort-preprocess", "ort-optimized", "onnxslim"]
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How one INT8 variant is made: the tool, its calibration method, the activation type, the runtime it is for.
 
-    Weights are always signed 8-bit, per output channel (depthwise convolutions need per-channel scales).
+    Weights are signed 8-bit, per output channel unless ``per_channel=False`` (one scale per tensor).
     ``high_precision``: the float type ModelOpt leaves between its Q/DQ pairs. FP32 runs on ONNX Runtime's CPU
     kernels and on weakly typed TensorRT (whose FP16 flag lowers it); strongly typed TensorRT 11 runs a layer
     in its tensors' type, so it gets an FP16 copy.
+
+    ONNX Runtime only: ``quant_format`` (Q/DQ pairs, or QOperator's ``QLinearConv`` nodes), ``reduce_range``
+    (7-bit weights, for CPUs without VNNI), ``prepare`` (a graph rewrite before quantizing: ONNX Runtime's
+    ``quant_pre_process``, its own optimized model, or onnxslim), ``keep_fp32`` (node names left in FP32:
+    ``nodes_to_exclude``, chosen from a per-layer profile by ``layers_to_keep_fp32``) and ``extra`` (more
+    ``extra_options`` of ``quantize_static``, as ``(name, value)`` pairs).
     """
 
     tool: Tool
@@ -78,6 +89,13 @@ class Recipe:
     activations: Literal["u8", "s8"] = "u8"
     target: Literal["cpu", "tensorrt"] = "cpu"
     high_precision: Literal["fp32", "fp16"] = "fp32"
+    per_channel: bool = True
+    quant_format: Literal["qdq", "qoperator"] = "qdq"
+    reduce_range: bool = False
+    prepare: Prepare = "none"
+    keep_fp32: tuple[str, ...] = ()
+    extra: tuple[tuple[str, bool | int | float | str], ...] = ()
+    label: str = ""  # a short name for ``keep_fp32``'s selection, e.g. "slow" or "depthwise"
 
     def __post_init__(self) -> None:
         methods = ORT_METHODS if self.tool == "onnxruntime" else MODELOPT_METHODS
@@ -88,13 +106,28 @@ class Recipe:
             raise QuantizationError("ModelOpt's ONNX PTQ makes symmetric S8 Q/DQ for TensorRT only.")
         if self.tool == "onnxruntime" and self.high_precision != "fp32":
             raise QuantizationError("ONNX Runtime's quantize_static keeps FP32 between Q/DQ pairs; FP16 is ModelOpt's.")
+        ort_only = (not self.per_channel, self.quant_format != "qdq", self.reduce_range, self.prepare != "none",
+                    bool(self.keep_fp32), bool(self.extra))
+        if self.tool == "modelopt" and any(ort_only):
+            raise QuantizationError("per_channel, quant_format, reduce_range, prepare, keep_fp32 and extra are "
+                                    "options of ONNX Runtime's quantize_static: leave them at their defaults for "
+                                    "ModelOpt.")
+        if self.keep_fp32 and not self.label:
+            raise QuantizationError("Name the layers kept in FP32 with label= (e.g. label='slow'): it goes into the "
+                                    "recipe's name.")
 
     @property
     def name(self) -> str:
-        """``ort-u8s8-minmax``, ``ort-s8s8-minmax``, ``modelopt-entropy``, ``modelopt-entropy-fp16``."""
-        if self.tool == "onnxruntime":
-            return f"ort-{self.activations}s8-{self.method}"
-        return f"modelopt-{self.method}" + ("-fp16" if self.high_precision == "fp16" else "")
+        """``ort-u8s8-minmax``, ``ort-s8s8-minmax``, ``modelopt-entropy``, ``modelopt-entropy-fp16``; ONNX Runtime
+        options that differ from the defaults add a suffix each (``-per-tensor``, ``-qop``, ``-fp32-slow5``...)."""
+        if self.tool != "onnxruntime":
+            return f"modelopt-{self.method}" + ("-fp16" if self.high_precision == "fp16" else "")
+        suffixes = [
+            "per-tensor" if not self.per_channel else "", "qop" if self.quant_format == "qoperator" else "",
+            "reduce-range" if self.reduce_range else "", self.prepare if self.prepare != "none" else "",
+            f"fp32-{self.label}{len(self.keep_fp32)}" if self.keep_fp32 else "",
+            *(f"{key}={value}" for key, value in self.extra)]
+        return "-".join([f"ort-{self.activations}s8-{self.method}", *filter(None, suffixes)])
 
 
 def course_recipes(quant: QuantConfig) -> list[Recipe]:
@@ -183,16 +216,51 @@ def quantize(model: OnnxModel, recipe: Recipe, calibration: CalibrationSet, fold
 def _quantize_onnxruntime(model: OnnxModel, recipe: Recipe, calibration: CalibrationSet, output: Path) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    quantize_static(
-        str(model.path), str(output), calibration.onnxruntime_reader(), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8 if recipe.activations == "u8" else QuantType.QInt8,
-        weight_type=QuantType.QInt8, per_channel=True,
-        calibrate_method=getattr(CalibrationMethod, ORT_METHODS[recipe.method]),
-        # ActivationSymmetric: S8 as TensorRT wants it, zero point 0. CalibStridedMinMax=1 feeds the calibrator one
-        # batch at a time (for every method, despite its name): the histogram methods otherwise hold every
-        # activation of every image at once (16 GB for 244 images with Percentile).
-        extra_options={"ActivationSymmetric": recipe.activations == "s8", "CalibStridedMinMax": 1},
-    )
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".prepare-") as work:
+        source = prepare_fp32(model.path, recipe.prepare, Path(work) / "prepared.onnx")
+        quantize_static(
+            str(source), str(output), calibration.onnxruntime_reader(),
+            quant_format=QuantFormat.QDQ if recipe.quant_format == "qdq" else QuantFormat.QOperator,
+            activation_type=QuantType.QUInt8 if recipe.activations == "u8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8, per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+            nodes_to_exclude=list(recipe.keep_fp32),
+            calibrate_method=getattr(CalibrationMethod, ORT_METHODS[recipe.method]),
+            # ActivationSymmetric: S8 as TensorRT wants it, zero point 0 (extra=(("ActivationSymmetric", False),)
+            # makes asymmetric S8). CalibStridedMinMax=1 feeds the calibrator one batch at a time (for every method,
+            # despite its name): the histogram methods otherwise hold every activation of every image at once
+            # (16 GB for 244 images with Percentile).
+            extra_options={"ActivationSymmetric": recipe.activations == "s8", "CalibStridedMinMax": 1,
+                           **dict(recipe.extra)},
+        )
+
+
+def prepare_fp32(source: Path, prepare: Prepare, output: Path) -> Path:
+    """The FP32 graph a recipe quantizes: ``source`` itself, or rewritten by ``prepare`` into ``output``.
+
+    ``ort-preprocess`` is ONNX Runtime's ``quant_pre_process`` (symbolic shape inference, its basic graph
+    optimizations, ONNX shape inference); ``ort-optimized`` is the model ONNX Runtime itself runs after its
+    basic optimizations (the extended ones write fused operators the quantizer does not know); ``onnxslim``
+    is onnxslim's fusions.
+    """
+    if prepare == "none":
+        return Path(source)
+    if prepare == "ort-preprocess":
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        quant_pre_process(str(source), str(output))
+    elif prepare == "ort-optimized":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(output)
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    else:
+        import onnx
+
+        onnxslim = lazy_import("onnxslim", "deploy", "The onnxslim preparation")
+        onnx.save(onnxslim.slim(onnx.load(str(source))), str(output))
+    return output
 
 
 def modelopt_command(source: Path, output: Path, calibration_data: Path, method: str, input_name: str,
@@ -230,7 +298,9 @@ def _quantize_modelopt(model: OnnxModel, recipe: Recipe, calibration: Calibratio
 class VariantResult:
     """One model measured: validation top-1, its drop and agreement against FP32, CPU latency, file size.
 
-    ``tool`` made it (``"fp32"`` for the baseline); ``target`` is the runtime it is made for.
+    ``tool`` made it (``"fp32"`` for the baseline); ``target`` is the runtime it is made for. ``dev_agreement``:
+    agreement with FP32 on the calibration (training) images, the split the CPU model is chosen on (None when
+    not measured).
     """
 
     name: str
@@ -245,14 +315,16 @@ class VariantResult:
     size_mb: float
     calibration_images: int
     recipe: Recipe | None = None  # None for the FP32 baseline
+    dev_agreement: float | None = None
 
     def metrics(self) -> dict[str, Any]:
         """The figures the PTQ record keeps for this variant."""
+        dev = {} if self.dev_agreement is None else {"dev_agreement_with_fp32": self.dev_agreement}
         return {"target": self.target, "val_top1": self.val_top1,
                 "top1_drop_vs_fp32": round(self.top1_drop_vs_fp32, 6),
                 "agreement_with_fp32": self.agreement_with_fp32, "latency_ms_b1": round(self.latency_ms_b1, 3),
                 "latency_ms_b8": round(self.latency_ms_b8, 3), "size_mb": round(self.size_mb, 3),
-                "calibration_images": self.calibration_images}
+                "calibration_images": self.calibration_images, **dev}
 
 
 def predictions(runner: Any, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
@@ -284,21 +356,48 @@ def measure_fp32(model: OnnxModel, images: np.ndarray, labels: np.ndarray, confi
 
 
 def measure_int8(made: Int8Model, images: np.ndarray, labels: np.ndarray, config: CourseConfig,
-                 reference: np.ndarray, latency: bool = True) -> VariantResult:
-    """An INT8 model on ONNX Runtime CPU: top-1, drop and agreement against FP32's predictions, p50 latency, size."""
+                 reference: np.ndarray, latency: bool = True, dev: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> VariantResult:
+    """An INT8 model on ONNX Runtime CPU: top-1, drop and agreement against FP32's predictions, p50 latency, size.
+
+    ``dev``: other images and FP32's predictions on them (the calibration images: ``dev_predictions``); the
+    agreement there is what ``best_cpu_variant`` chooses on, so that the validation split is only reported.
+    """
     predicted, p50 = _measure(made.path, "int8", images, config, latency)
     top1 = float((predicted == labels).mean())
     drop = float((reference == labels).mean()) - top1
+    dev_agreement = None
+    if dev is not None:
+        dev_agreement = float((_measure(made.path, "int8", dev[0], config, False)[0] == dev[1]).mean())
     return VariantResult(made.recipe.name, made.recipe.tool, made.recipe.target, made.path, top1, drop,
                          float((predicted == reference).mean()), p50[1], p50[8], made.path.stat().st_size / 2**20,
-                         made.calibration_images, made.recipe)
+                         made.calibration_images, made.recipe, dev_agreement)
+
+
+def dev_predictions(model: OnnxModel, calibration: CalibrationSet, config: CourseConfig
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration images and FP32's predictions on them: ``measure_int8``'s ``dev`` split."""
+    return calibration.images, _measure(model.path, "fp32", calibration.images, config, False)[0]
+
+
+MIN_DEV_AGREEMENT = 0.99  # a CPU model may ship when it predicts what FP32 predicts on >= 99% of the dev images
 
 
 def best_cpu_variant(results: Sequence[VariantResult]) -> VariantResult:
-    """The U8S8 model to deploy on ONNX Runtime CPU: highest top-1, then agreement with FP32, then speed."""
+    """The U8S8 model to deploy on ONNX Runtime CPU.
+
+    With the dev agreement measured: the fastest at batch 8 among the models that agree with FP32 on at least
+    ``MIN_DEV_AGREEMENT`` of the dev images (else the one that agrees most). Without it: highest top-1, then
+    agreement with FP32, then speed.
+    """
     cpu = [r for r in results if r.target == "cpu"]
     if not cpu:
         raise QuantizationError("No CPU INT8 model was measured: keep at least one method in quant.methods.")
+    if all(r.dev_agreement is not None for r in cpu):
+        close = [r for r in cpu if r.dev_agreement >= MIN_DEV_AGREEMENT]  # type: ignore[operator]
+        if not close:
+            return max(cpu, key=lambda r: (r.dev_agreement, -r.latency_ms_b8))
+        return min(close, key=lambda r: r.latency_ms_b8)
     return max(cpu, key=lambda r: (r.val_top1, r.agreement_with_fp32, -r.latency_ms_b8))
 
 
@@ -306,6 +405,186 @@ def best_tensorrt_variant(results: Sequence[VariantResult]) -> VariantResult | N
     """ModelOpt's Q/DQ ONNX for TensorRT with the highest top-1 (then agreement), or None when none was made."""
     trt = [r for r in results if r.tool == "modelopt"]
     return max(trt, key=lambda r: (r.val_top1, r.agreement_with_fp32)) if trt else None
+
+
+# ------------------------------------------------------------------------ which layers gain from INT8
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """One layer of the FP32 graph, timed by ONNX Runtime's profiler in FP32 and in INT8 (ms per batch).
+
+    ``kind``: ``stem`` (the convolution on the 3-channel image), ``depthwise``, ``pointwise`` (1×1), ``conv``
+    (other k×k) or ``fully connected``. ``int8_ms`` is the time of the INT8 node made from this layer (its
+    fused ``QLinearConv``, or the same FP32 node when the layer was kept in FP32).
+    """
+
+    node: str
+    kind: str
+    fp32_ms: float
+    int8_ms: float
+
+    @property
+    def gain(self) -> float:
+        """How many times faster the layer runs in INT8 (below 1: slower)."""
+        return self.fp32_ms / self.int8_ms if self.int8_ms > 0 else math.inf
+
+
+def node_times(path: Path, batch: int, input_size: int, threads: int = 1, warmup: int = 3, runs: int = 10
+               ) -> dict[str, tuple[str, float]]:
+    """ONNX Runtime's own profile (``enable_profiling``) of ``path`` at ``batch``: for every node it executed,
+    its op type and mean milliseconds per run, after ``warmup`` untimed runs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="ort-profile-") as folder:
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        images = np.random.default_rng(0).standard_normal((batch, 3, input_size, input_size), dtype=np.float32)
+        feed = {session.get_inputs()[0].name: images}
+        for _ in range(warmup + runs):
+            session.run(None, feed)
+        trace = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
+    samples: dict[str, tuple[str, list[float]]] = {}
+    for event in trace:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            name = event["name"].removesuffix("_kernel_time")
+            samples.setdefault(name, (event["args"]["op_name"], []))[1].append(event["dur"] / 1000)
+    return {name: (op, float(np.mean(times[warmup:] or times))) for name, (op, times) in samples.items()}
+
+
+def layer_kinds(path: Path) -> dict[str, str]:
+    """Every convolution and fully connected layer of an FP32 ONNX by node name: its kind (see ``LayerTime``)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name: tuple(t.dims) for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    kinds = {}
+    for node in graph.node:
+        if node.op_type in ("Gemm", "MatMul") and any(name in weights for name in node.input):
+            kinds[node.name] = "fully connected"
+        elif node.op_type == "Conv":
+            shape = weights.get(node.input[1], ())
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if node.input[0] in inputs:
+                kinds[node.name] = "stem"
+            elif group > 1 and len(shape) == 4 and shape[1] == 1:
+                kinds[node.name] = "depthwise"
+            elif shape[2:] == (1, 1):
+                kinds[node.name] = "pointwise"
+            else:
+                kinds[node.name] = "conv"
+    return kinds
+
+
+FUSED_AFTER_CONV = {"Clip", "Relu", "Add", "Sum"}  # what ONNX Runtime folds into a convolution it runs (FusedConv, NCHWc)
+
+
+def _layer_aliases(path: Path, layers: set[str]) -> dict[str, str]:
+    """The names ONNX Runtime may give a layer's node once it has fused it: the layer's own name (INT8
+    ``QLinearConv``, FP32 ``FusedConv``), or the output tensor of the last node fused into it (the NCHWc
+    convolutions of the FP32 graph are named ``<that tensor>_nchwc``)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    aliases = {}
+    for node in graph.node:
+        if node.name not in layers:
+            continue
+        aliases[node.name] = node.name
+        current = node
+        for _ in range(3):  # a convolution, an Add of the residual, an activation
+            aliases[current.output[0]] = node.name
+            following = consumers.get(current.output[0], [])
+            if len(following) != 1 or following[0].op_type not in FUSED_AFTER_CONV:
+                break
+            current = following[0]
+        aliases[current.output[0]] = node.name
+    return aliases
+
+
+def _profiled_name(name: str, aliases: dict[str, str]) -> str | None:
+    """The FP32 layer a profiled node comes from (``_nchwc`` and ``_token_<n>`` suffixes are ONNX Runtime's)."""
+    stripped = re.sub(r"_token_\d+$", "", name.removesuffix("_nchwc"))
+    return aliases.get(stripped)
+
+
+def layer_times(fp32: Path, int8: Path, batch: int, input_size: int, threads: int = 1, runs: int = 10
+                ) -> list[LayerTime]:
+    """Each convolution and fully connected layer of ``fp32``, timed in FP32 and in the INT8 model ``int8``
+    made from it (same batch, same threads, ``runs`` profiled runs each), in graph order."""
+    kinds = layer_kinds(fp32)
+    aliases = _layer_aliases(fp32, set(kinds))
+    totals: dict[str, list[float]] = {layer: [0.0, 0.0] for layer in kinds}
+    for column, path in enumerate((fp32, int8)):
+        for name, (_, ms) in node_times(path, batch, input_size, threads, runs=runs).items():
+            layer = _profiled_name(name, aliases)
+            if layer is not None:
+                totals[layer][column] += ms
+    return [LayerTime(layer, kind, *totals[layer]) for layer, kind in kinds.items() if totals[layer][0] > 0]
+
+
+def layers_to_keep_fp32(times: Sequence[LayerTime], min_gain: float = 1.0) -> tuple[str, ...]:
+    """The layers whose INT8 version is not at least ``min_gain`` times faster: candidates for ``keep_fp32``."""
+    return tuple(t.node for t in times if t.gain < min_gain)
+
+
+def gains_by_kind(times: Sequence[LayerTime]) -> list[dict[str, Any]]:
+    """The profile summed per layer kind: layers, FP32 and INT8 ms, the gain, and each kind's share of INT8 time."""
+    total = sum(t.int8_ms for t in times) or 1.0
+    rows = []
+    for kind in dict.fromkeys(t.kind for t in times):
+        group = [t for t in times if t.kind == kind]
+        fp32_ms, int8_ms = sum(t.fp32_ms for t in group), sum(t.int8_ms for t in group)
+        rows.append({"kind": kind, "layers": len(group), "fp32_ms": round(fp32_ms, 2), "int8_ms": round(int8_ms, 2),
+                     "gain": round(fp32_ms / int8_ms, 2) if int8_ms else math.inf,
+                     "share_of_int8_layer_time": round(int8_ms / total, 3)})
+    return rows
+
+
+def time_by_op(times: dict[str, tuple[str, float]]) -> dict[str, float]:
+    """A ``node_times`` profile summed per op type (ms per run), largest first."""
+    ops: dict[str, float] = {}
+    for op, ms in times.values():
+        ops[op] = ops.get(op, 0.0) + ms
+    return dict(sorted(ops.items(), key=lambda item: -item[1]))
+
+
+def profile_recipe(model: OnnxModel, base: VariantResult, threads: int = 1, min_gain: float = 1.0
+                   ) -> tuple[list[LayerTime], Recipe | None]:
+    """Profile the INT8 model ``base`` against FP32 at batch 8, layer by layer; the same recipe keeping in FP32
+    every layer that INT8 does not make ``min_gain`` times faster (None when every layer gains)."""
+    if base.recipe is None or base.recipe.tool != "onnxruntime":
+        raise QuantizationError(f"{base.name} is not an ONNX Runtime INT8 model: profile a CPU recipe.")
+    times = layer_times(model.path, base.path, LATENCY_BATCHES[-1], model.input_size, threads)
+    slow = layers_to_keep_fp32(times, min_gain)
+    return times, (replace(base.recipe, keep_fp32=slow, label="slow") if slow else None)
+
+
+def layer_gain_figure(times: Sequence[LayerTime]) -> Any:
+    """Each layer's INT8 gain in graph order, coloured by kind, with the break-even line at 1×."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 3.5))
+    axis = figure.add_subplot()
+    for kind in dict.fromkeys(t.kind for t in times):
+        points = [(i, t.gain) for i, t in enumerate(times) if t.kind == kind]
+        axis.scatter([i for i, _ in points], [g for _, g in points], label=kind, s=18)
+    axis.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+    axis.set_xlabel("layer (graph order)")
+    axis.set_ylabel("INT8 speed-up over FP32 (x)")
+    axis.set_title("Which layers gain from INT8 (ONNX Runtime CPU profiler)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
 
 
 def tensorrt_fp16_qdq(model: OnnxModel, variants: Sequence[VariantResult], calibration: CalibrationSet,
@@ -480,8 +759,13 @@ def run(config: CourseConfig) -> PtqResult:
     calibration = full.head(config.quant.calibration_images)
     images, labels = validation_arrays(dataset.samples["val"], transform)
     fp32, reference = measure_fp32(model, images, labels, config)
-    variants = [measure_int8(quantize(model, recipe, calibration, int8_dir(config)), images, labels, config, reference)
-                for recipe in course_recipes(config.quant)]
+    dev = dev_predictions(model, calibration, config)
+    variants = [measure_int8(quantize(model, recipe, calibration, int8_dir(config)), images, labels, config, reference,
+                             dev=dev) for recipe in course_recipes(config.quant)]
+    _, kept = profile_recipe(model, variants[0], config.benchmark.threads)
+    if kept is not None:
+        variants.append(measure_int8(quantize(model, kept, calibration, int8_dir(config)), images, labels, config,
+                                     reference, dev=dev))
     ablation = calibration_ablation(model, Recipe("onnxruntime", config.quant.ablation_method), full,
                                     ablation_sizes(config.quant.calibration_ablation, full), int8_dir(config),
                                     images, labels, reference, config)

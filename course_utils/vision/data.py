@@ -291,6 +291,29 @@ def read_image_folder(
                               samples=samples, skipped=skipped, converted=converted)
 
 
+def dev_split(dataset: ImageFolderDataset, fraction: float = 0.2, seed: int = 0) -> ImageFolderDataset:
+    """The training images split in two: ``train`` keeps most, ``val`` is a *dev* part to tune on.
+
+    The dev part holds ``fraction`` of each class's training images (at least one, and at least one is left
+    to train on), drawn with a generator seeded by ``seed``: the same split every run. Choosing settings
+    on it leaves the real validation split untouched for the figures the course reports.
+    """
+    rng = np.random.default_rng(seed)
+    train: list[tuple[Path, int]] = []
+    dev: list[tuple[Path, int]] = []
+    for label in range(len(dataset.classes)):
+        items = sorted(item for item in dataset.samples["train"] if item[1] == label)
+        if len(items) < 2:
+            raise DatasetError(f"Class {dataset.classes[label]!r} has {len(items)} training image(s): a dev split "
+                               "needs at least 2 per class. Add images or skip the dev split.")
+        chosen = set(rng.permutation(len(items))[:min(len(items) - 1, max(1, round(fraction * len(items))))])
+        dev += [item for index, item in enumerate(items) if index in chosen]
+        train += [item for index, item in enumerate(items) if index not in chosen]
+    return ImageFolderDataset(root=dataset.root, name=f"{dataset.name} (dev split)",
+                              source=f"{dataset.source}; {fraction:.0%} of train held out as dev (seed {seed})",
+                              classes=dataset.classes, samples={"train": train, "val": dev})
+
+
 def _download_remote(spec: RemoteDataset, cache: Path) -> Path:
     try:
         archive = fetch(RemoteFile(spec.url, spec.sha256), cache, fname=f"{spec.name}.zip")

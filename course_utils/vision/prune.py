@@ -11,6 +11,11 @@ A pruned model no longer matches its architecture's config, so ``save_pruned`` s
 the classes, Torch-Pruning's pruning history (which channels of which layer went) and the weights:
 ``load_pruned`` rebuilds the original architecture, replays the history, then loads the weights, all
 from plain data read with ``weights_only=True``.
+
+Retraining wins back what the surgery cost: ``prune_and_retrain`` retrains with ``finetune.fit``, optionally
+distilling from the unpruned model (``DistillationLoss``) and pruning in several smaller steps with short
+retrains between them. It trains on the training images minus a dev part (``data.dev_split``) and picks its
+best epoch on that dev part, so the validation split the course reports is scored once, never tuned on.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import hashlib
 import json
 import shutil
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,10 +48,12 @@ if TYPE_CHECKING:
     from course_utils.vision.data import ImageFolderDataset
     from course_utils.vision.finetune import Sample
 
-IMPORTANCES: tuple[str, ...] = ("l1", "l2", "bn_scale", "taylor")
+IMPORTANCES: tuple[str, ...] = ("l1", "l2", "bn_scale", "taylor", "hessian", "fpgm")
+GRADIENT_IMPORTANCES = ("taylor", "hessian")  # scored from loss gradients on training images
 FORMAT = "course-pruned/1"
 MAX_LAYER_RATIO = 0.9  # never remove more than 90% of one layer's channels
 TAYLOR_BATCHES = 4
+HESSIAN_SAMPLES = 32  # per-sample gradients for the Fisher (Hessian) diagonal: one backward pass each
 RECORD = "pruning"  # the attribute under which a pruned Classifier carries its recipe and history
 
 # Registry backbones the course refuses to prune, with the reason: benchmarks/prune_registry.py prunes every
@@ -83,7 +92,8 @@ class PruneRecipe:
     its layer, is below the threshold. ``granularity`` rounds kept channel counts to multiples of it
     (TAO's ``pruning_granularity``: tensor cores like multiples of 8); no layer is cut below ``min_channels``
     (TAO's ``min_num_filters``). ``input_size`` is the example input
-    the dependency graph was traced with; ``effective_ratio`` is the fraction of channels a threshold removed.
+    the dependency graph was traced with; ``effective_ratio`` is the fraction of channels a threshold removed;
+    ``steps`` is how many equal steps of iterative pruning reached the ratio.
     """
 
     importance: str
@@ -93,6 +103,7 @@ class PruneRecipe:
     ratio: float | None = None
     threshold: float | None = None
     effective_ratio: float | None = None
+    steps: int = 1
 
 
 def check_request(model: Classifier, ratio: float | None, threshold: float | None, importance: str) -> None:
@@ -126,6 +137,10 @@ def _importance(name: str, normalizer: str | None) -> Any:
         return tp.importance.BNScaleImportance(normalizer=normalizer)
     if name == "taylor":
         return tp.importance.GroupTaylorImportance(normalizer=normalizer)
+    if name == "hessian":
+        return tp.importance.GroupHessianImportance(normalizer=normalizer)
+    if name == "fpgm":
+        return tp.importance.FPGMImportance(normalizer=normalizer)
     return tp.importance.GroupMagnitudeImportance(p=1 if name == "l1" else 2, normalizer=normalizer)
 
 
@@ -153,20 +168,47 @@ def _update_head_counts(model: Classifier) -> None:
         attention.embed_dims = attention.num_heads * attention.head_dims
 
 
-def _taylor_gradients(model: Classifier, samples: list[Sample] | None, batch_size: int = 16) -> None:
-    """Taylor importance is |weight x gradient|: accumulate the loss gradient over a few training batches."""
+def _gradient_batches(model: Classifier, samples: list[Sample] | None, importance: str,
+                      batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``TAYLOR_BATCHES`` batches of ``samples`` (evaluation transform), for gradient-based scores."""
     from course_utils.vision.finetune import ImageSamples
 
     if not samples:
-        raise PruningError("importance='taylor' needs data to compute loss gradients: pass `samples` "
-                           "(e.g. dataset.samples['train']), or choose l1, l2 or bn_scale.")
+        raise PruningError(f"importance={importance!r} needs data to compute loss gradients: pass `samples` "
+                           "(e.g. dataset.samples['train']), or choose l1, l2, bn_scale or fpgm.")
     loader = torch.utils.data.DataLoader(ImageSamples(samples, model.preprocessing.eval_transform()),
                                          batch_size=batch_size, shuffle=False)
+    return [batch for _, batch in zip(range(TAYLOR_BATCHES), loader)]
+
+
+def _score_gradients(model: Classifier, pruner: Any, importance: str, samples: list[Sample] | None) -> None:
+    """Fill the gradients a gradient-based criterion reads, on the model as it is now.
+
+    Taylor importance is |weight x gradient|: the loss gradient summed over a few batches. Hessian importance
+    (grouped Optimal Brain Damage) is weight² x the Fisher diagonal, the mean of *per-sample* squared gradients.
+    Torch-Pruning 1.6.1's ``accumulate_grad`` keeps only the last sample it was given (its running sum is
+    keyed by parameter but looked up by name), so the course sums the squares itself and hands over their
+    root mean square once: squared again inside, that is exactly the Fisher diagonal.
+    """
     model.zero_grad()
-    for index, (images, labels) in enumerate(loader):
-        if index == TAYLOR_BATCHES:
-            break
-        nn.functional.cross_entropy(model(images), labels).backward()
+    batches = _gradient_batches(model, samples, importance)
+    if importance == "taylor":
+        for images, labels in batches:
+            nn.functional.cross_entropy(model(images), labels).backward()
+        return
+    squares: dict[nn.Parameter, torch.Tensor] = {}
+    pairs = [(image, label) for images, labels in batches for image, label in zip(images, labels)]
+    for image, label in pairs[:HESSIAN_SAMPLES]:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(image[None]), label[None]).backward()
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                squares[parameter] = squares.get(parameter, 0) + parameter.grad.detach() ** 2
+    count = min(len(pairs), HESSIAN_SAMPLES)
+    for parameter in model.parameters():
+        parameter.grad = (squares[parameter] / count).sqrt() if parameter in squares else None
+    pruner.importance.zero_grad()
+    pruner.importance.accumulate_grad(model)
 
 
 def _narrow_layer_ratios(model: Classifier, ratio: float, recipe: PruneRecipe,
@@ -190,6 +232,7 @@ def _narrow_layer_ratios(model: Classifier, ratio: float, recipe: PruneRecipe,
 
 
 def _pruner(model: Classifier, recipe: PruneRecipe, ratio: float, global_pruning: bool) -> Any:
+    """Torch-Pruning's pruner for ``recipe``, reaching ``ratio`` in ``recipe.steps`` equal steps."""
     tp = lazy_import("torch_pruning", "train", "Pruning")
 
     heads = _attention_heads(model)
@@ -201,6 +244,7 @@ def _pruner(model: Classifier, recipe: PruneRecipe, ratio: float, global_pruning
             model, example_input(model, recipe.input_size),
             importance=_importance(recipe.importance, "max" if global_pruning else "mean"),
             global_pruning=global_pruning, pruning_ratio=ratio, max_pruning_ratio=MAX_LAYER_RATIO,
+            iterative_steps=recipe.steps,
             pruning_ratio_dict=_narrow_layer_ratios(model, ratio, recipe, set(heads)),
             ignored_layers=head_modules(model),
             round_to=recipe.granularity if recipe.granularity > 1 else None,
@@ -231,40 +275,49 @@ def prune_classifier(
     min_channels: int = 16,
     samples: list[Sample] | None = None,
     input_size: int | None = None,
+    steps: int = 1,
+    between_steps: Callable[[Classifier, int], None] | None = None,
 ) -> Classifier:
     """A structurally pruned copy of ``model`` (the original is left as it was).
 
     ``ratio`` removes that fraction of channels from every prunable layer (and of heads from every attention
     layer); ``threshold`` removes, TAO-style, the channels whose importance divided by the largest in their
     layer is below it (ranked model-wide). ``importance`` is ``l1``/``l2`` (weight magnitude), ``bn_scale``
-    (batch-norm scale, "network slimming") or ``taylor`` (|weight x gradient|, needs training ``samples``).
-    ``granularity`` rounds kept channel counts down to its multiples, never below ``min_channels``. The copy
-    carries its recipe and Torch-Pruning's history (``pruning_record``), which ``save_pruned`` stores; a
-    refused or failed request raises ``PruningError``.
+    (batch-norm scale, "network slimming"), ``fpgm`` (distance to the layer's geometric median), ``taylor``
+    (|weight x gradient|) or ``hessian`` (weight² x Fisher diagonal, grouped Optimal Brain Damage); the last
+    two need training ``samples``. ``granularity`` rounds kept channel counts down to its multiples, never
+    below ``min_channels``. With ``steps`` > 1 the ratio is reached in equal steps (iterative pruning), each
+    scored on the weights as they are then; ``between_steps(model, step)`` runs after every step but the last
+    (a short retrain). The copy carries its recipe and Torch-Pruning's history (``pruning_record``), which
+    ``save_pruned`` stores; a refused or failed request raises ``PruningError``.
     """
     check_request(model, ratio, threshold, importance)
+    if steps < 1:
+        raise PruningError(f"steps={steps}: iterative pruning needs at least one step (1 prunes in one shot).")
     recipe = PruneRecipe(importance, granularity, input_size or model.preprocessing.input_size, min_channels,
-                         ratio, threshold)
-    pruned = copy.deepcopy(model).eval().requires_grad_(True)
+                         ratio, threshold, steps=steps)
+    pruned = copy.deepcopy(model).cpu().eval().requires_grad_(True)  # traced and scored on the CPU
     if ratio == 0.0:
-        setattr(pruned, RECORD, {"recipe": asdict(recipe), "history": []})
+        setattr(pruned, RECORD, {"recipe": asdict(replace(recipe, steps=1)), "history": []})
         return pruned
-    try:
+    with _plain_errors(model):
         pruner = _pruner(pruned, recipe, ratio or 0.0, global_pruning=threshold is not None)
-        if importance == "taylor":
-            _taylor_gradients(pruned, samples)
         if threshold is not None:
-            effective = _threshold_ratio(pruner, threshold, importance)
-            recipe = replace(recipe, effective_ratio=round(effective, 4))
+            if importance in GRADIENT_IMPORTANCES:
+                _score_gradients(pruned, pruner, importance, samples)
+            recipe = replace(recipe, effective_ratio=round(_threshold_ratio(pruner, threshold, importance), 4))
             pruner = _pruner(pruned, recipe, recipe.effective_ratio or 0.0, global_pruning=True)
-        pruner.step()
-    except (PruningError, MissingDependencyError):
-        raise
-    except Exception as error:  # Torch-Pruning fails in many ways on graphs it cannot map; say so plainly
-        raise PruningError(f"Torch-Pruning could not prune {model.backbone} ({type(error).__name__}: "
-                           f"{error}). Pick another backbone, or report the architecture.") from error
-    pruned.zero_grad(set_to_none=True)
-    _update_head_counts(pruned)
+    for step in range(steps):
+        pruned.cpu()  # a retrain between steps may have moved it to a GPU
+        with _plain_errors(model):
+            if importance in GRADIENT_IMPORTANCES:
+                _score_gradients(pruned, pruner, importance, samples)
+            pruner.step()
+        pruned.zero_grad(set_to_none=True)
+        _update_head_counts(pruned)
+        _check_output(pruned, model)
+        if between_steps is not None and step < steps - 1:
+            between_steps(pruned, step)
     history = [[name, bool(out), [int(i) for i in _plain(idxs)]]
                for name, out, idxs in pruner.pruning_history()]
     if not history and (ratio or recipe.effective_ratio):
@@ -272,8 +325,19 @@ def prune_classifier(
                            + (" (it has no batch-norm layers to score)" if importance == "bn_scale" else "")
                            + ": try importance='l2'.")
     setattr(pruned, RECORD, {"recipe": asdict(recipe), "history": history})
-    _check_output(pruned, model)
     return pruned
+
+
+@contextmanager
+def _plain_errors(model: Classifier) -> Iterator[None]:
+    """Torch-Pruning fails in many ways on graphs it cannot map: turn its errors into one plain ``PruningError``."""
+    try:
+        yield
+    except (PruningError, MissingDependencyError):
+        raise
+    except Exception as error:
+        raise PruningError(f"Torch-Pruning could not prune {model.backbone} ({type(error).__name__}: "
+                           f"{error}). Pick another backbone, or report the architecture.") from error
 
 
 def pruning_record(model: Classifier) -> dict[str, Any]:
@@ -394,18 +458,64 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def retrain_config(config: CourseConfig) -> CourseConfig:
-    """Fine-tuning settings for retraining: all layers trained, ``prune.retrain_epochs`` at ``retrain_lr``."""
+def retrain_config(config: CourseConfig, epochs: int | None = None) -> CourseConfig:
+    """Fine-tuning settings for retraining: all layers trained, ``prune.retrain_epochs`` (or ``epochs``) at
+    ``retrain_lr``."""
     retrain = config.model_copy(deep=True)
     retrain.train = config.train.model_copy(update={
-        "epochs_head": 0, "epochs_finetune": config.prune.retrain_epochs, "unfreeze": "all",
-        "lr_finetune": config.prune.retrain_lr})
+        "epochs_head": 0, "epochs_finetune": config.prune.retrain_epochs if epochs is None else epochs,
+        "unfreeze": "all", "lr_finetune": config.prune.retrain_lr})
     return retrain
+
+
+def without_distillation(config: CourseConfig) -> CourseConfig:
+    """``config`` with ``prune.distill`` off: retraining from the labels alone, to compare against."""
+    return config.model_copy(update={"prune": config.prune.model_copy(update={"distill": False})})
+
+
+class DistillationLoss:
+    """Knowledge distillation (Hinton et al., 2015): the pruned student learns the unpruned teacher's soft targets.
+
+    ``alpha * KL(softmax(teacher / T) || softmax(student / T)) * T² + (1 - alpha) * CE(student, labels)``; the
+    T² keeps the soft part's gradients on the scale of the hard part's. The cross-entropy is the label-smoothed
+    one ``finetune.fit`` trains with, so ``alpha`` 0 is plain retraining. The teacher runs in evaluation mode
+    without gradients: only the student learns. An instance is ``fit``'s ``loss_fn``.
+    """
+
+    def __init__(self, teacher: nn.Module, alpha: float = 0.7, temperature: float = 4.0) -> None:
+        if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+            raise PruningError(f"Distillation needs 0 <= alpha <= 1 and temperature > 0, got alpha={alpha}, "
+                               f"temperature={temperature} (e.g. alpha 0.7, temperature 4).")
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+
+    def __call__(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of the student's ``logits`` on ``images`` (the teacher sees the same augmented batch)."""
+        self.teacher.eval()
+        with torch.no_grad():
+            teacher_logits = self.teacher.to(images.device)(images)
+        return self.combine(logits, teacher_logits, labels)
+
+    def combine(self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The distillation loss given both models' logits."""
+        from course_utils.vision.finetune import LABEL_SMOOTHING
+
+        hard = nn.functional.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING)
+        if self.alpha == 0.0:
+            return hard
+        t = self.temperature
+        soft = nn.functional.kl_div(nn.functional.log_softmax(logits.float() / t, dim=-1),
+                                    nn.functional.log_softmax(teacher_logits.detach().float() / t, dim=-1),
+                                    reduction="batchmean", log_target=True) * t * t
+        return self.alpha * soft + (1 - self.alpha) * hard
 
 
 @dataclass
 class PrunedRun:
-    """One pruned-and-retrained model and what it measures (``ratio`` 0.0: the unpruned model itself)."""
+    """One pruned-and-retrained model and what it measures (``ratio`` 0.0: the unpruned model itself).
+
+    ``val_*`` figures are on the validation split, scored once; ``dev_top1_after_retrain`` is on the dev part
+    of the training images that retraining picked its best epoch on (None when nothing was retrained).
+    """
 
     ratio: float | None
     threshold: float | None
@@ -419,16 +529,27 @@ class PrunedRun:
     val_top1_after_retrain: float
     retrain_seconds: float
     model_path: str
+    dev_top1_after_retrain: float | None = None
+    distilled: bool = False
+
+
+def _retrains(config: CourseConfig, ratio: float | None) -> bool:
+    return ratio != 0.0 and (config.prune.retrain_epochs > 0 or config.prune.steps > 1)
 
 
 def _run_key(model: Classifier, dataset: ImageFolderDataset, config: CourseConfig,
              request: dict[str, Any]) -> str:
-    settings = {"model": fingerprint(model), "request": request, "importance": config.prune.importance,
-                "granularity": config.prune.granularity, "min_channels": config.prune.min_channels,
-                "retrain": retrain_config(config).train.model_dump(),
-                "seed": config.seed, "samples": [str(p) for p, _ in dataset.samples["train"]],
-                "val": [str(p) for p, _ in dataset.samples["val"]],
-                "torch_pruning": package_version("torch_pruning")}
+    settings: dict[str, Any] = {"model": fingerprint(model), "request": request,
+                                "val": [str(p) for p, _ in dataset.samples["val"]],
+                                "torch_pruning": package_version("torch_pruning")}
+    if request.get("ratio") != 0.0:  # the unpruned model is the same whatever the pruning settings
+        settings.update(
+            importance=config.prune.importance, granularity=config.prune.granularity,
+            min_channels=config.prune.min_channels, retrain=retrain_config(config).train.model_dump(),
+            seed=config.seed, samples=[str(p) for p, _ in dataset.samples["train"]],
+            schedule=config.prune.model_dump(include={"steps", "step_epochs", "dev_fraction", "distill"}))
+        if config.prune.distill:
+            settings["distillation"] = [config.prune.distill_alpha, config.prune.distill_temperature]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -436,30 +557,51 @@ def prune_and_retrain(model: Classifier, dataset: ImageFolderDataset, config: Co
                       ratio: float | None = None, threshold: float | None = None) -> PrunedRun:
     """Prune ``model`` (by ``ratio`` or ``threshold``), evaluate, retrain with ``finetune.fit``, measure.
 
+    Retraining trains on the training images minus a dev part (``prune.dev_fraction``, ``data.dev_split``)
+    and keeps its best epoch on that dev part; the validation split is scored once, before and after.
+    ``prune.steps`` > 1 prunes iteratively with ``prune.step_epochs`` of retraining between the steps;
+    ``prune.distill`` distils from ``model`` (``DistillationLoss``) in every retrain.
     Results live in ``<workspace>/prune/<key>`` (key: weights, request, settings, data, library version):
     a rerun reuses them, and an interrupted retraining resumes. Params, MACs and latencies are measured once
     and kept in ``measured.json``, remeasured only when ``config.benchmark``'s warmup, iterations or threads
     change. Ratio 0.0 measures the unpruned model.
     """
+    from course_utils.vision.data import dev_split
     from course_utils.vision.finetune import evaluate, fit
 
     key = _run_key(model, dataset, config, {"ratio": ratio, "threshold": threshold})
     folder = config.workspace / "prune" / key
     model_file, result_file = folder / "pruned.pt", folder / "accuracy.json"
     measured_file = folder / "measured.json"
+    settings = config.prune
     pruned: Classifier | None = None
     if model_file.exists() and result_file.exists():
         accuracy = json.loads(result_file.read_text())
     else:
         measured_file.unlink(missing_ok=True)  # figures measured on an earlier model of this folder
-        pruned = prune_classifier(model, ratio, threshold, config.prune.importance, config.prune.granularity,
-                                  config.prune.min_channels, samples=dataset.samples["train"])
+        retrains = _retrains(config, ratio)
+        split = dev_split(dataset, settings.dev_fraction, config.seed) if retrains else dataset
+        loss = DistillationLoss(model, settings.distill_alpha, settings.distill_temperature) \
+            if settings.distill and retrains else None
+
+        spent: list[float] = []  # retraining seconds, the steps' and the final one's
+
+        def retrain_step(student: Classifier, step: int) -> None:
+            spent.append(fit(student, split, retrain_config(config, settings.step_epochs),
+                             run_dir=folder / f"step{step + 1}", loss_fn=loss).train_seconds)
+
+        pruned = prune_classifier(model, ratio, threshold, settings.importance, settings.granularity,
+                                  settings.min_channels, samples=split.samples["train"], steps=settings.steps,
+                                  between_steps=retrain_step if settings.step_epochs > 0 else None)
         before = evaluate(pruned, dataset.samples["val"], config.train.batch_size).top1
-        accuracy = {"before": before, "after": before, "seconds": 0.0}
-        if pruning_record(pruned)["history"] and config.prune.retrain_epochs > 0:
-            result = fit(pruned, dataset, retrain_config(config), run_dir=folder / "retrain")
-            accuracy.update(after=result.best_val_top1, seconds=round(result.train_seconds, 1))
-        save_pruned(pruned, model_file)
+        accuracy = {"before": before, "after": before, "dev": None, "distilled": loss is not None}
+        if pruning_record(pruned)["history"] and settings.retrain_epochs > 0:
+            result = fit(pruned, split, retrain_config(config), run_dir=folder / "retrain", loss_fn=loss)
+            spent.append(result.train_seconds)
+            accuracy.update(after=evaluate(pruned, dataset.samples["val"], config.train.batch_size).top1,
+                            dev=result.best_val_top1)
+        accuracy["seconds"] = round(sum(spent), 1)
+        save_pruned(pruned.cpu(), model_file)  # measured and saved on the CPU, wherever it was retrained
         write_json_atomic(result_file, accuracy)
     measured = _cached_measurement(config, measured_file)
     if measured is None:
@@ -470,6 +612,7 @@ def prune_and_retrain(model: Classifier, dataset: ImageFolderDataset, config: Co
         latency_ms_b1=measured["latency_ms_b1"], latency_ms_b8=measured["latency_ms_b8"],
         val_top1_before_retrain=accuracy["before"], val_top1_after_retrain=accuracy["after"],
         retrain_seconds=accuracy["seconds"], model_path=str(model_file),
+        dev_top1_after_retrain=accuracy.get("dev"), distilled=accuracy.get("distilled", False),
     )
 
 
@@ -536,16 +679,33 @@ def keep(run: PrunedRun, config: CourseConfig) -> Path:
 
 
 def sweep_rows(runs: list[PrunedRun]) -> list[dict[str, Any]]:
-    """The sweep as table rows (for ``report.markdown_table``): size, cost, speed, accuracy."""
+    """The sweep as table rows (for ``report.markdown_table``): size, cost, speed, accuracy (split named)."""
     return [{"ratio": run.ratio if run.ratio is not None else f"threshold {run.threshold}",
+             "distilled": "yes" if run.distilled else "no",
              "params (M)": run.params / 1e6, "MACs (M)": run.macs / 1e6, "file (MB)": run.file_mb,
              "CPU ms, batch 1": run.latency_ms_b1, "CPU ms, batch 8": run.latency_ms_b8,
-             "top-1 pruned": run.val_top1_before_retrain, "top-1 retrained": run.val_top1_after_retrain,
+             "val top-1 pruned": run.val_top1_before_retrain, "val top-1 retrained": run.val_top1_after_retrain,
+             "dev top-1 retrained": "" if run.dev_top1_after_retrain is None else run.dev_top1_after_retrain,
              "retrain s": run.retrain_seconds} for run in runs]
 
 
-def accuracy_vs_macs(runs: list[PrunedRun], title: str = "") -> Figure:
-    """Validation top-1 against MACs, before and after retraining, one point per pruning ratio."""
+def frontier(model: Classifier, dataset: ImageFolderDataset, config: CourseConfig,
+             ratios: list[float] | None = None) -> dict[str, list[PrunedRun]]:
+    """Accuracy against MACs with and without distillation: the sweep under both, ``{"distilled", "labels only"}``.
+
+    The unpruned model (ratio 0.0) is measured once and shared by both.
+    """
+    distilled = config.model_copy(update={"prune": config.prune.model_copy(update={"distill": True})})
+    return {"distilled": sweep(model, dataset, distilled, ratios),
+            "labels only": sweep(model, dataset, without_distillation(config), ratios)}
+
+
+def accuracy_vs_macs(runs: list[PrunedRun], title: str = "",
+                     compare: dict[str, list[PrunedRun]] | None = None) -> Figure:
+    """Validation top-1 against MACs, before and after retraining, one point per pruning ratio.
+
+    ``compare`` adds other retrained runs by label (e.g. ``{"without distillation": [run]}``).
+    """
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6, 4))
@@ -553,7 +713,12 @@ def accuracy_vs_macs(runs: list[PrunedRun], title: str = "") -> Figure:
     macs = [run.macs / 1e6 for run in runs]
     axis.plot(macs, [run.val_top1_before_retrain for run in runs], "o--", mfc="none",
               label="pruned, not retrained")
-    axis.plot(macs, [run.val_top1_after_retrain for run in runs], "o-", label="after retraining")
+    distilled = any(run.distilled for run in runs)
+    axis.plot(macs, [run.val_top1_after_retrain for run in runs], "o-",
+              label="retrained with distillation" if distilled else "after retraining")
+    for label, others in (compare or {}).items():
+        axis.plot([run.macs / 1e6 for run in others], [run.val_top1_after_retrain for run in others], "s:",
+                  label=label)
     for run, x in zip(runs, macs, strict=True):
         axis.annotate(f"{run.ratio if run.ratio is not None else run.effective_ratio:g}",
                       (x, run.val_top1_after_retrain), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -598,13 +763,15 @@ def stage_metrics(unpruned: PrunedRun, kept: PrunedRun, runs: list[PrunedRun],
     return {
         "ratio": kept.ratio if kept.ratio is not None else kept.effective_ratio, "threshold": kept.threshold,
         "importance": config.prune.importance, "granularity": config.prune.granularity,
-        "retrain_epochs": config.prune.retrain_epochs,
+        "retrain_epochs": config.prune.retrain_epochs, "steps": config.prune.steps,
+        "step_epochs": config.prune.step_epochs, "distilled": kept.distilled,
         "params_before": unpruned.params, "params_after": kept.params,
         "macs_before": unpruned.macs, "macs_after": kept.macs, "macs_reduction": round(reduction, 4),
         "file_mb_before": unpruned.file_mb, "file_mb_after": kept.file_mb,
         "val_top1_unpruned": unpruned.val_top1_before_retrain,
         "val_top1_before_retrain": kept.val_top1_before_retrain,
         "val_top1_after_retrain": kept.val_top1_after_retrain,
+        "dev_top1_after_retrain": kept.dev_top1_after_retrain,
         "latency_ms_b1_before": unpruned.latency_ms_b1, "latency_ms_b1_after": kept.latency_ms_b1,
         "latency_ms_b8_before": unpruned.latency_ms_b8, "latency_ms_b8_after": kept.latency_ms_b8,
         "sweep": {f"ratio_{run.ratio:g}": _sweep_entry(run) for run in runs},
