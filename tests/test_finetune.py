@@ -96,3 +96,10 @@ def test_a_missing_fine_tuned_model_names_the_notebook_and_trains_nothing(config
     with pytest.raises(MissingArtifactError, match="notebook 02"):
         load_finetuned(config)  # in smoke mode too: no stage quietly trains a model
     assert not (config.workspace / "train").exists()
+
+
+def test_mixed_precision_follows_the_switch_on_cuda_only(config: CourseConfig) -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert finetune.mixed_precision(config.train, cuda)
+    assert not finetune.mixed_precision(config.train.model_copy(update={"amp": False}), cuda)
+    assert not finetune.mixed_precision(config.train, cpu)

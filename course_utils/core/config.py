@@ -76,20 +76,39 @@ class TrainConfig(_Section):
     # Data parallelism: processes, one per GPU (CPU processes with gloo where there is none). batch_size is per
     # process, so the global batch is gpus * batch_size and both learning rates scale by gpus (linear rule).
     gpus: int = Field(default=1, ge=1)
+    # Mixed precision on CUDA (float16 autocast + GradScaler): faster, less memory. Ignored on the CPU.
+    amp: bool = True
 
 
 class PruneConfig(_Section):
     ratio: float = Field(default=0.25, ge=0.0, lt=1.0)
     threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
-    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
+    importance: Literal["l1", "l2", "bn_scale", "taylor", "hessian", "lamp", "fpgm"] = "l2"
     granularity: int = Field(default=8, ge=1)
     min_channels: int = Field(default=16, ge=1)
     sweep: list[float] = [0.0, 0.25, 0.5]
+    # Iterative pruning: reach the ratio in `steps` equal steps, retraining `step_epochs` after each but the last.
+    steps: int = Field(default=1, ge=1, le=10)
+    step_epochs: int = Field(default=1, ge=0)
     retrain_epochs: int = Field(default=2, ge=0)
     retrain_lr: float = Field(default=1e-3, gt=0)
+    # Retraining learns from the unpruned model too: distill_alpha * KL(soft targets at distill_temperature) * T²
+    # + (1 - distill_alpha) * cross-entropy with the labels (Hinton et al., 2015).
+    distill: bool = False
+    distill_alpha: float = Field(default=0.7, ge=0.0, le=1.0)
+    distill_temperature: float = Field(default=4.0, gt=0.0)
+    # Retraining picks its best epoch on this fraction of the training images (the dev split, fixed seed), never
+    # on the validation split the course reports; it trains on the rest.
+    dev_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     # The pruned model ships only when it meets both (TAO's "prune, retrain, recover"); else the fine-tuned one.
     target_macs_reduction: float = Field(default=0.4, ge=0.0, lt=1.0)
     max_top1_drop: float = Field(default=0.01, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ratios_in_range(self) -> PruneConfig:
+        if bad := [ratio for ratio in self.sweep if not 0.0 <= ratio < 1.0]:
+            raise ValueError(f"prune.sweep ratios must lie in [0, 1), got {bad}")
+        return self
 
 
 class ExportConfig(_Section):

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from course_utils.core.artifacts import FinetuneRecord
 
 LAST_FRACTION = 0.4  # unfreeze="last": the last 40% of the backbone's parameter tensors, in forward order
+LABEL_SMOOTHING = 0.1
 Sample = tuple[Path, int]
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, images, labels) -> loss
 
 
 class ImageSamples(Dataset):
@@ -215,12 +217,14 @@ def fit(
     run_dir: Path | None = None,
     device: torch.device | None = None,
     max_epochs_this_call: int | None = None,
+    loss_fn: LossFn | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` with the config's ``train`` settings; resume a matching interrupted run.
 
     The run lives in ``run_dir`` (default ``<workspace>/train/<backbone>-<key>``): ``last.pt`` after every
     epoch, ``best.pt`` for the best validation top-1. The best weights are loaded into ``model`` at the end.
-    ``max_epochs_this_call`` stops early on purpose (to demonstrate and test resuming).
+    ``max_epochs_this_call`` stops early on purpose (to demonstrate and test resuming). ``loss_fn(logits, images,
+    labels)`` replaces the label-smoothed cross-entropy (pruning's retraining distils through it).
 
     Called in every rank of a data-parallel run (``distributed.launch``), it trains with DDP: each rank
     takes its share of each global batch of N * ``batch_size`` images at N times the learning rates,
@@ -234,10 +238,9 @@ def fit(
     last, best = run_dir / "last.pt", run_dir / "best.pt"
     plan = _phase_plan(train, lr_scale=rank.world_size)
     model.to(device)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=mixed_precision(train, device))
     images = ImageSamples(dataset.samples["train"], model.preprocessing.train_transform())
     order = distributed.sampler(images, seed=config.seed * 1000)  # the same permutations with 1 process or N
     loader = DataLoader(images, batch_size=train.batch_size, sampler=order, num_workers=train.num_workers)
@@ -266,9 +269,8 @@ def fit(
             else:
                 start_epoch = len(plan)
         started = time.perf_counter()
-        epochs_run = 0
         for epoch in range(start_epoch, len(plan)):
-            if stopped or (max_epochs_this_call is not None and epochs_run >= max_epochs_this_call):
+            if stopped or (max_epochs_this_call is not None and epoch - start_epoch >= max_epochs_this_call):
                 break
             phase, lr = plan[epoch]
             if epoch == 0 or plan[epoch - 1][0] != phase or net is None:
@@ -278,9 +280,8 @@ def fit(
             order.set_epoch(epoch)
             images.seed = config.seed * 1000 + epoch
             record = _train_one_epoch(net, model, loader, dataset, train, optimizer, scheduler, scaler, device,
-                                      epoch, phase)
+                                      epoch, phase, loss_fn)
             history.append(record)
-            epochs_run += 1
             if record.val_top1 > best_top1:
                 best_top1, best_epoch, stale = record.val_top1, epoch, 0
                 _save(best, {"model": model.state_dict(), "epoch": epoch, "val_top1": best_top1})
@@ -299,11 +300,17 @@ def fit(
                        train_seconds=time.perf_counter() - started)
 
 
+def mixed_precision(train: TrainConfig, device: torch.device) -> bool:
+    """Whether fine-tuning runs in float16 autocast with a gradient scaler: ``train.amp`` on a CUDA device."""
+    return train.amp and device.type == "cuda"
+
+
 def _train_one_epoch(net: nn.Module, model: Classifier, loader: DataLoader, dataset: ImageFolderDataset,
                      train: TrainConfig, optimizer: Any, scheduler: Any, scaler: Any, device: torch.device,
-                     epoch: int, phase: str) -> EpochRecord:
+                     epoch: int, phase: str, loss_fn: LossFn | None = None) -> EpochRecord:
     """One pass over this rank's batches through ``net`` (``model``, or its DDP wrapper), then validation."""
     cuda = device.type == "cuda"
+    amp = mixed_precision(train, device)
     _train_mode(model)
     seen, correct, loss_sum = 0, 0, 0.0
     started = time.perf_counter()
@@ -312,9 +319,10 @@ def _train_one_epoch(net: nn.Module, model: Classifier, loader: DataLoader, data
         images, labels = images.to(device), labels.to(device)
         if cuda:
             images = images.to(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             logits = net(images)
-            loss = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+            loss = (loss_fn(logits, images, labels) if loss_fn is not None
+                    else nn.functional.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
