@@ -10,7 +10,8 @@ in pyproject.toml):
 * ``app``: the Narrative Canvas app, which reads the stage records, and ``prepare-demo``.
 * ``lessons`` (the notebooks' exercise checks) and the CLI (``cli``, ``doctor``) may import any layer.
 
-Each model stage has one entry point (its module's ``run``; the benchmark's is ``runtimes.run_benchmark``).
+Each model stage has one entry point (its module's ``run``; the final benchmark's is
+``final_benchmark.run``).
 Heavy stacks (torch, onnxruntime, TensorRT, diffusers…) are imported inside the functions that use them.
 """
 

@@ -84,6 +84,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_editions(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from course_utils.lessons.editions import EDITIONS, build_editions, edition_dir
+
+    out = Path(args.out) if args.out else _config(args).workspace / "editions"
+    files = build_editions(out)
+    for edition in EDITIONS:
+        print(f"{edition:10} {edition_dir(out, 'en', edition)}")
+    written = sum(file.written for file in files)
+    print(f"{written} notebook(s) written, {len(files) - written} unchanged (the learner edition goes to learners)")
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from course_utils.core.report import markdown_table
     from course_utils.vision.zoo import registry_table
@@ -121,7 +135,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_build_engine(args: argparse.Namespace) -> int:
     from course_utils.deploy import tensorrt_engines as te
 
-    stage = te.run(_config(args), plan_for=args.plan_for)
+    stage = te.run(_config(args), plan_for=args.plan_for, precisions=args.precisions)
     if stage.not_built_because:
         print(f"No engine built ({stage.not_built_because}): the plan for TensorRT {stage.target} on {stage.gpu.name}.\n")
     print(te.build_route(stage.target).explain() + "\n")
@@ -132,9 +146,9 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from course_utils.deploy.runtimes import results_markdown, run_benchmark
+    from course_utils.deploy import final_benchmark
 
-    print(results_markdown(run_benchmark(_config(args)).results))
+    print(final_benchmark.run(_config(args)).markdown())
     return 0
 
 
@@ -241,18 +255,15 @@ def _story_redteam(config: CourseConfig, args: argparse.Namespace) -> int:
     from course_utils.genai.safety_classifier import classifier_cache_dir
     from course_utils.genai.story import storyteller
     from course_utils.genai.story_rails import (
-        REDTEAM_FILE,
-        REDTEAM_TEST2_FILE,
-        REDTEAM_TEST_FILE,
         evaluate_rails,
         load_redteam,
         rail_configurations,
         redteam_markdown,
+        redteam_parts,
         safety_models,
     )
 
-    sets = [(Path(args.file).name, Path(args.file))] if args.file else [
-        ("dev", REDTEAM_FILE), ("test", REDTEAM_TEST_FILE), ("test2", REDTEAM_TEST2_FILE)]
+    sets = [(Path(args.file).name, Path(args.file))] if args.file else list(redteam_parts().items())
     loaded = [(name, load_redteam(path, sample=config.llm.redteam_sample, seed=config.seed)) for name, path in sets]
     teller = storyteller(config, "none")
     names = list(rail_configurations())
@@ -293,6 +304,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "data": (cmd_data, "list the datasets, or fetch/verify/build the configured one"),
     "run-all": (cmd_run_all, "the main job: run every notebook headless and write the report"),
     "report": (cmd_report, "rebuild report.md/report.html from the results ledger, or compare two runs"),
+    "editions": (cmd_editions, "write the learner and instructor editions of every notebook from notebooks/"),
     "speak": (cmd_speak, "read a text aloud into a WAV file (the offline voice, or NeMo when available)"),
     "transcribe": (cmd_transcribe, "turn speech in an audio file (WAV, FLAC, MP3, ...) into text"),
     "zoo": (cmd_zoo, "the pretrained model registry: names, sources, sizes, local weights"),
@@ -300,7 +312,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "prune": (cmd_prune, "structured pruning sweep, retraining, and the kept pruned model (workspace/models/pruned.pt)"),
     "export": (cmd_export, "export the deployed model to ONNX (dynamic batch), verify and optimize it"),
     "build-engine": (cmd_build_engine, "TensorRT FP32/FP16/INT8 engines from the optimized ONNX (or their plan)"),
-    "benchmark": (cmd_benchmark, "latency, throughput and top-1 of every runtime on this machine"),
+    "benchmark": (cmd_benchmark, "the final benchmark: every runtime and precision that exists, side by side"),
     "quantize": (cmd_quantize, "INT8 post-training quantization: CPU models (ONNX Runtime) and Q/DQ for TensorRT"),
     "qat": (cmd_qat, "quantization-aware training with ModelOpt, exported as Q/DQ ONNX and checked in ONNX Runtime"),
     "jetson-kit": (cmd_jetson_kit, "the Jetson deploy kit: a folder and .tar.gz to build and measure engines on the device"),
@@ -337,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "build-engine":
             command.add_argument("--plan-for", metavar="VERSION",
                                  help="print the route and commands for this TensorRT version (e.g. 8.5.2) only")
+            command.add_argument("--precisions", nargs="+", choices=["fp32", "fp16", "int8"], metavar="PRECISION",
+                                 help="build only these of engine.precisions (fp32 fp16 int8; default: all); "
+                                      "INT8 after `quantize`, which makes its Q/DQ ONNX")
         elif name == "jetson-kit":
             command.add_argument("--out", metavar="DIR", help="write the kit into DIR (default: workspace/jetson-kit)")
         elif name == "import-results":
@@ -368,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="two runs side by side (compare.md/compare.html): each a workspace folder, or a "
                                       "folder holding a report.json such as workspace/runs/<timestamp>")
             command.add_argument("--out", metavar="DIR", help="write into DIR (default: the workspace)")
+        elif name == "editions":
+            command.add_argument("--out", metavar="DIR", help="write into DIR (default: workspace/editions)")
         elif name == "run-all":
             command.add_argument("--only", nargs="*", help="run only notebooks whose names start with these prefixes")
     return parser

@@ -124,3 +124,20 @@ def test_a_stage_without_its_upstream_names_the_notebook_in_one_line(tmp_path: P
     line = _one_error_line(capsys)
     assert line.startswith("error: No finetune artifacts") and "notebook 02" in line
     assert not (tmp_path / "workspace" / "train").exists()  # nothing was trained on the way
+
+
+def test_build_engine_builds_the_precisions_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from course_utils.deploy import tensorrt_engines
+
+    asked: list[object] = []
+
+    def run(config: object, plan_for: str | None = None, precisions: object = None) -> None:
+        asked.append(precisions)
+        raise CourseError("stopped before planning")  # what was asked is all this test needs
+
+    monkeypatch.setattr(tensorrt_engines, "run", run)
+    assert cli.main(["build-engine", "--spec", "smoke", "--precisions", "fp32", "fp16"]) == 2
+    assert cli.main(["build-engine", "--spec", "smoke"]) == 2
+    assert asked == [["fp32", "fp16"], None]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["build-engine", "--precisions", "int4"])

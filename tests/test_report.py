@@ -143,11 +143,11 @@ def test_the_headline_names_every_runtime_with_its_device(run: Ledger) -> None:
     summary = summarize(run)
     rows = {row.key: row for row in summary.pipeline}
     here = "this machine · CPU, 1 thread"
-    assert list(rows) == [f"PyTorch FP32 · {here}", f"ONNX Runtime FP32 · {here}", f"ONNX Runtime INT8 · {here}",
+    assert list(rows) == [f"PyTorch FP32 · {here}", f"ONNX Runtime FP32 · {here}", f"ONNX Runtime INT8 PTQ · {here}",
                           "QAT INT8 (Q/DQ ONNX) · this machine · ONNX Runtime CPU (accuracy only)",
                           "ONNX Runtime FP32 · Jetson Orin Nano 8 GB (JetPack 6.1, power mode 15W) · CPU, 6 threads",
                           "TensorRT FP16 · Jetson Orin Nano 8 GB (JetPack 6.1, power mode 15W) · GPU"]
-    pytorch, int8 = rows[f"PyTorch FP32 · {here}"], rows[f"ONNX Runtime INT8 · {here}"]
+    pytorch, int8 = rows[f"PyTorch FP32 · {here}"], rows[f"ONNX Runtime INT8 PTQ · {here}"]
     assert (pytorch.size_mb, pytorch.latency_b8_ms, int8.size_mb) == (13.8, 873.0, 3.8)
     assert int8.throughput_b8 == pytest.approx(8000 / 70.5, abs=0.01)
     assert any("notebook 06's own timing" in note for note in summary.pipeline_notes)
@@ -160,6 +160,19 @@ def test_the_headline_names_every_runtime_with_its_device(run: Ledger) -> None:
                           "misses its target") < markdown.index("## The deployed model") < markdown.index("## Targets")
     assert ("| TensorRT FP16 | Jetson Orin Nano 8 GB (JetPack 6.1, power mode 15W) · GPU | 90% | — | 2.1 ms | 9.8 ms "
             "| 816.3 images/s |") in markdown
+
+
+def test_the_final_benchmarks_qat_row_replaces_the_accuracy_only_one(run: Ledger) -> None:
+    benchmark = run.load(BenchmarkRecord)
+    assert benchmark is not None
+    measured = {"onnxruntime_int8-qat": _runtime(60.0, 480.0, 0.9), "onnxruntime_int8": _runtime(11.0, 70.0, 0.883)}
+    run.save(benchmark.model_copy(update={"metrics": {**benchmark.metrics, **measured}}))
+    rows = {row.label: row for row in summarize(run).pipeline}
+    assert "QAT INT8 (Q/DQ ONNX)" not in rows
+    assert [label for label in rows if label.startswith("ONNX Runtime INT8")] == [
+        "ONNX Runtime INT8 PTQ", "ONNX Runtime INT8 QAT"]
+    assert (rows["ONNX Runtime INT8 QAT"].size_mb, rows["ONNX Runtime INT8 QAT"].latency_b8_ms) == (14.0, 480.0)
+    assert not any("notebook 06's own timing" in note for note in summarize(run).pipeline_notes)
 
 
 def test_figures_are_in_readable_units() -> None:
@@ -202,7 +215,7 @@ def test_a_row_made_from_an_older_model_says_it_is_stale(run: Ledger) -> None:
     run.save(onnx.model_copy(update={"raw": exported_again, "optimized": exported_again}))
     summary = summarize(run)
     assert all(row.note == "⚠ stale" for row in summary.pipeline if row.label != "QAT INT8 (Q/DQ ONNX)")
-    assert any(note.startswith("⚠ stale benchmark rows") and "notebook 05" in note for note in summary.pipeline_notes)
+    assert any(note.startswith("⚠ stale benchmark rows") and "notebook 07" in note for note in summary.pipeline_notes)
 
 
 def test_the_app_run_is_kept_small_and_read_back_only_from_the_workspace(run: Ledger, tmp_path: Path) -> None:

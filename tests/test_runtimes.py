@@ -14,6 +14,7 @@ from course_utils.core.config import CourseConfig, load_config
 from course_utils.core.ledger import Ledger
 from course_utils.core.timing import Latency, Runner, RuntimeUnavailableError
 from course_utils.deploy import runtimes as rt
+from course_utils.deploy.onnx_export import exporter_options
 from course_utils.deploy.runtimes import OrtRunner, RuntimeResult
 from course_utils.lessons import exercises
 from course_utils.vision.inference import TorchRunner
@@ -29,7 +30,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Pat
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     torch.onnx.export(net, torch.randn(2, 3, 32, 32), str(path), input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                      **exporter_options("torchscript"))
     return net, path
 
 
@@ -279,3 +281,20 @@ def test_every_stage_latency_comes_from_the_one_timer(tiny: tuple[torch.nn.Modul
     _, p50 = ptq._measure(path, "fp32", images, config, latency=True)
     assert p50 == {b: 100.0 + b for b in ptq.LATENCY_BATCHES}
     assert all(isinstance(c[0], OrtRunner) and c[2:] == (32, 1, 2) for c in calls[-len(ptq.LATENCY_BATCHES):])
+
+
+def test_course_runners_add_the_qat_model_of_the_deployed_model_only(tiny: tuple[torch.nn.Module, Path],
+                                                                      config: CourseConfig) -> None:
+    from course_utils.core.artifacts import FileRef, QatRecord
+
+    net, path = tiny
+    qat = config.workspace / "int8" / "qat.onnx"
+    qat.parent.mkdir(parents=True, exist_ok=True)
+    qat.write_bytes(path.read_bytes())  # any ONNX stands in for the Q/DQ model
+    Ledger(config.workspace).save(QatRecord(onnx=FileRef.of(qat, config.workspace), made_from={"model": "deployed"}))
+    assert rt.qat_cpu_model(config, "another model") is None
+    assert rt.qat_cpu_model(config, "deployed") == qat
+    runners = rt.course_runners(net, path, 1, qat_path=rt.qat_cpu_model(config, "deployed"))
+    assert [r.key for r in runners] == ["pytorch_fp32", "onnxruntime_fp32", "onnxruntime_int8-qat"]
+    images = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(runners[2].run(images), runners[1].run(images), rtol=1e-5, atol=1e-5)

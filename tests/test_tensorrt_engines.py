@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -330,3 +330,74 @@ def test_sidecar_is_plain_json(tmp_path: Path) -> None:
     sidecar = json.loads(te.record_engine(fp32, 2.0).read_text())
     assert sidecar["tensorrt"] == "8.5.2" and sidecar["gpu"]["compute_capability"] == "8.7"
     assert sidecar["settings"]["optimization_level"] is None and sidecar["build_seconds"] == 2.0
+
+
+def test_each_notebook_plans_the_precisions_it_teaches(config: CourseConfig, tmp_path: Path) -> None:
+    onnx_model = model(tmp_path)
+    assert list(te.course_plans(config, onnx_model, "10.3.0", ORIN, precisions=te.FLOAT_PRECISIONS)) == ["fp32", "fp16"]
+    assert list(te.course_plans(config, onnx_model, "10.3.0", ORIN, precisions=te.INT8_PRECISIONS)) == ["int8"]
+    assert list(te.course_plans(config, onnx_model, "10.3.0", ORIN)) == ["fp32", "fp16", "int8"]
+    only_fp16 = config.model_copy(update={"engine": config.engine.model_copy(update={"precisions": ["int8", "fp16"]})})
+    assert te.wanted_precisions(only_fp16) == ["fp16", "int8"]  # course order, whatever the spec's order
+    assert te.wanted_precisions(only_fp16, te.FLOAT_PRECISIONS) == ["fp16"]
+
+
+def test_merged_build_figures_keep_what_a_call_did_not_rebuild() -> None:
+    earlier = {"build_seconds": {"tensorrt_fp32": 30.0, "tensorrt_fp16": 40.0},
+               "timing_cache_builds": {"no_cache_s": 30.0}, "skipped_engines": {"int8": "no calibration images"}}
+    now = {"build_seconds": {"tensorrt_int8": 55.0}, "timing_cache_builds": {}, "skipped_engines": {}}
+    merged = te.merge_metrics(earlier, now, ["int8"])
+    assert merged == {"build_seconds": {"tensorrt_fp32": 30.0, "tensorrt_fp16": 40.0, "tensorrt_int8": 55.0},
+                      "timing_cache_builds": {"no_cache_s": 30.0}, "skipped_engines": {}}
+
+
+def _deployable(config: CourseConfig, onnx_file: Path) -> None:
+    """A ledger holding a fine-tuned model and its ONNX export, as notebooks 02 and 04 record them."""
+    from course_utils.core.artifacts import FinetuneRecord, OnnxRecord
+
+    workspace = config.workspace
+    checkpoint = workspace / "models" / "finetuned.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"weights")
+    ledger = Ledger(workspace)
+    finetuned = ledger.save(FinetuneRecord(checkpoint=FileRef.of(checkpoint, workspace), backbone="efficientnet-lite0",
+                                           dataset="package-textures", classes=["a", "b"]))
+    onnx = FileRef.of(onnx_file, workspace)
+    ledger.save(OnnxRecord(raw=onnx, optimized=onnx, source="finetuned", backbone="efficientnet-lite0",
+                           input_name="images", output_name="logits", input_size=224,
+                           made_from={"model": finetuned.checkpoint.sha256}))
+
+
+def test_notebook_06_adds_int8_to_the_engines_notebook_05_built(config: CourseConfig, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from course_utils.core.artifacts import EnginesRecord
+    from course_utils.vision import data
+
+    onnx_file = config.workspace / "onnx" / "optimized.onnx"
+    onnx_file.parent.mkdir(parents=True)
+    onnx_file.write_bytes(b"onnx bytes")
+    _deployable(config, onnx_file)
+    asked: list[list[str]] = []
+
+    def fake_builds(config: CourseConfig, dataset: object, onnx: OnnxModel, transform: object,
+                    precisions: Sequence[str] | None = None) -> dict[str, te.EngineBuild | EngineBuildError]:
+        plans = te.course_plans(config, onnx, "10.3.0", RTX, precisions=precisions)  # type: ignore[arg-type]
+        asked.append(list(plans))
+        for made in plans.values():
+            made.engine_path.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+            made.engine_path.write_bytes(made.precision.encode())  # type: ignore[union-attr]
+        return {p: te.EngineBuild(made, 10.0, False, "missing") for p, made in plans.items()}  # type: ignore[arg-type]
+
+    for name, value in (("tensorrt_version", lambda: "10.3.0"), ("detect_gpu", lambda: RTX),
+                        ("cuda_version", lambda: "12.6"), ("build_course_engines", fake_builds)):
+        monkeypatch.setattr(te, name, value)
+    monkeypatch.setattr(data, "resolve_dataset", lambda config: None)
+    floats = te.run(config, precisions=te.FLOAT_PRECISIONS)
+    assert asked == [["fp32", "fp16"]] and set(floats.record.engines) == {"fp32", "fp16"}
+    int8 = te.run(config, precisions=te.INT8_PRECISIONS)
+    assert asked[-1] == ["int8"] and list(int8.built) == ["int8"]
+    recorded = Ledger(config.workspace).load(EnginesRecord)
+    assert recorded is not None and set(recorded.engines) == {"fp32", "fp16", "int8"}
+    assert set(recorded.metrics["build_seconds"]) == {"tensorrt_fp32", "tensorrt_fp16", "tensorrt_int8"}
+    monkeypatch.setattr(te, "detect_gpu", lambda: ORIN)  # engines of another GPU are never kept beside these
+    assert list(te.run(config, precisions=te.INT8_PRECISIONS).record.engines) == ["int8"]

@@ -87,10 +87,13 @@ def _quantize(config: CourseConfig) -> str:
 
 
 def _engines_ready(config: CourseConfig) -> str:
-    from course_utils.deploy.tensorrt_engines import engines_here, onnx_model
+    from course_utils.deploy.tensorrt_engines import engines_here, onnx_model, wanted_precisions
 
-    if not (engines := engines_here(config, onnx_model(config))):
-        raise MissingArtifactError("no engine is built for this ONNX model on this GPU and TensorRT yet")
+    engines = engines_here(config, onnx_model(config))
+    if missing := [precision for precision in wanted_precisions(config) if precision not in engines]:
+        # notebook 05 builds FP32/FP16 and notebook 06 INT8: the demo needs every configured precision
+        raise MissingArtifactError(f"no {'/'.join(missing)} engine is built for this ONNX model on this GPU and "
+                                   "TensorRT yet")
     return ", ".join(path.name for path in engines.values())
 
 
@@ -108,7 +111,8 @@ def _prepare_engines(config: CourseConfig, build: bool) -> tuple[str, str]:
 
     if tensorrt_version() is None or detect_gpu() is None:
         return "skipped", "no TensorRT and GPU here: the app offers PyTorch and ONNX Runtime"
-    return _stage_step(_engines_ready, _build_engines, "builds the TensorRT engines (notebook 05)")(config, build)
+    return _stage_step(_engines_ready, _build_engines,
+                       "builds the TensorRT engines (FP32/FP16: notebook 05, INT8: notebook 06)")(config, build)
 
 
 def _kit_ready(config: CourseConfig) -> str:

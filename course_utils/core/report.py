@@ -71,7 +71,7 @@ STAGE_TITLES = {
     "prune": "03 · Pruning and retraining",
     "onnx": "04 · ONNX export and optimization",
     "engines": "05 · TensorRT engines",
-    "benchmark": "05 · Every runtime, side by side",
+    "benchmark": "07 · The final benchmark: every runtime and precision, side by side",
     "device_run": "05 · On the device (Jetson deploy kit)",
     "ptq": "06 · INT8 post-training quantization",
     "qat": "07 · Quantization-aware training",
@@ -91,7 +91,9 @@ SUMMARY_KEYS = {
     "speech": ("wer_clips", "tts_realtime_factor"),
 }
 RUNTIMES = {"pytorch": "PyTorch", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
-ORDER = {"pytorch": 0, "onnxruntime": 1, "tensorrt": 2, "qat": 3, "fp32": 0, "fp16": 1, "int8": 2}
+ORDER = {"pytorch": 0, "onnxruntime": 1, "tensorrt": 2, "qat": 3, "fp32": 0, "fp16": 1, "int8": 2, "int8-qat": 3}
+# A precision key of the benchmark record in words: INT8 from post-training quantization or from QAT.
+PRECISION_WORDS = {"int8": "INT8 PTQ", "int8-qat": "INT8 QAT"}
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"  # the page may fetch nothing at all
 STYLE = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:74em;margin:1.5em auto;
@@ -331,12 +333,57 @@ def _markdown_tables(tables: Iterable[Table]) -> str:
     return "\n\n".join(parts)
 
 
+# A figure that only traces another (a file, a path, a hash): kept out of the main view of a notebook's summary.
+_TRACE_KEY = re.compile(r"sha256|hash|digest|^file: ")  # paths are found by their value
+_HEX_RUN = re.compile(r"(?<![0-9a-f])(?=[0-9a-f]*\d)[0-9a-f]{12,}(?![0-9a-f])")
+
+
+def _traces(key: str, value: Any) -> bool:
+    texts = value if isinstance(value, (list, tuple)) else [value]
+    return bool(_TRACE_KEY.search(key)) or any(
+        isinstance(text, str) and bool(_ABSOLUTE_PATH.search(text) or _HEX_RUN.search(text)) for text in texts)
+
+
+def split_traces(figures: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """``figures`` as (what was measured, the files, paths and hashes named), the second flat by dotted key."""
+    measured: dict[str, Any] = {}
+    traces: dict[str, Any] = {}
+    for key, value in figures.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            inner, traced = split_traces(value, f"{name}.")
+            if inner:
+                measured[key] = inner
+            traces.update(traced)
+        elif _traces(str(key), value):
+            traces[name] = value
+        else:
+            measured[key] = value
+    return measured, traces
+
+
 def stage_markdown(record: StageRecord | Mapping[str, Any] | None) -> str:
-    """One stage's record (or plain figures) as Markdown tables in readable units (each notebook's summary)."""
+    """One stage's record (or plain figures) as the end of its notebook shows it: folded in a ``<details>`` block.
+
+    Folded, one line: the stage and its headline figures (the report's ``SUMMARY_KEYS``). Open: the figures as
+    tables in readable units, and the files, paths and hashes they came from folded once more, so that none is
+    in the main view.
+    """
     if record is None:
         return "_(nothing recorded yet)_"
-    figures = record.summary() if isinstance(record, StageRecord) else record
-    return _markdown_tables(detail_tables(figures)) or "_(no figures)_"
+    if isinstance(record, StageRecord):
+        figures, title, line = record.summary(), STAGE_TITLES.get(record.stage, record.stage), _summary_line(
+            record.stage, record)
+    else:
+        figures, title, line = dict(record), "Figures", ""
+    measured, traces = split_traces(figures)
+    parts = [f"<details><summary><b>{html.escape(title)}</b>{html.escape(' · ' + line) if line else ''}</summary>",
+             "", _markdown_tables(detail_tables(measured)) or "_(no figures)_", ""]
+    if traces:
+        rows = [[label(key), readable(value, key.rsplit(".", 1)[-1])] for key, value in traces.items()]
+        parts += ["<details><summary>Files and hashes</summary>", "",
+                  _markdown_tables([Table("", ["of", "file, path or hash"], rows)]), "", "</details>", ""]
+    return "\n".join([*parts, "</details>"])
 
 
 # --- The run's summary: what the headline says, and what --compare reads back -------------------------------------
@@ -455,7 +502,7 @@ def _row_label(key: str) -> tuple[str, str, str]:
     """(runtime, precision, label) of a benchmark key such as ``onnxruntime_fp32_cuda`` or ``tensorrt_int8``."""
     runtime, _, rest = key.partition("_")
     precision, _, provider = rest.partition("_")
-    name = f"{RUNTIMES.get(runtime, runtime)} {precision.upper()}"
+    name = f"{RUNTIMES.get(runtime, runtime)} {PRECISION_WORDS.get(precision, precision.upper())}"
     if runtime == "onnxruntime" and provider:
         name += f" ({'TensorRT' if provider == 'tensorrt' else provider.upper()} provider)"
     return runtime, precision, name
@@ -482,6 +529,8 @@ def _sizes(run: _Run) -> dict[tuple[str, str], float | None]:
         sizes[("onnxruntime", "fp32")] = _mb(onnx.optimized.size_bytes)
     if (ptq := run.get(PtqRecord)) is not None and ptq.cpu_int8 is not None:
         sizes[("onnxruntime", "int8")] = _mb(ptq.cpu_int8.size_bytes)
+    if (qat := run.get(QatRecord)) is not None:
+        sizes[("onnxruntime", "int8-qat")] = _mb(qat.onnx.size_bytes)
     if (engines := run.get(EnginesRecord)) is not None:
         sizes.update({("tensorrt", precision): _mb(ref.size_bytes) for precision, ref in engines.engines.items()})
     return sizes
@@ -522,11 +571,11 @@ def _pipeline(run: _Run) -> tuple[list[PipelineRow], list[str]]:
     ptq = run.get(PtqRecord)
     if ptq is not None and "onnxruntime_int8" not in dict(entries) and (int8 := _int8_entry(ptq)) is not None:
         threads = benchmark.settings.get("benchmark", {}).get("threads") if benchmark is not None else None
-        rows.append((_order("onnxruntime_int8", 0), _row("ONNX Runtime INT8", int8, _ran_on(
+        rows.append((_order("onnxruntime_int8", 0), _row("ONNX Runtime INT8 PTQ", int8, _ran_on(
             {"device": "cpu", "threads": threads}, gpu), sizes.get(("onnxruntime", "int8")), "ptq" in run.stale)))
-        notes.append(f"ONNX Runtime INT8 ({int8['name']}) is notebook 06's own timing; run `python -m course_utils "
-                     "benchmark` after notebook 06 to time it with the other runtimes.")
-    if (qat := run.get(QatRecord)) is not None:
+        notes.append(f"ONNX Runtime INT8 PTQ ({int8['name']}) is notebook 06's own timing; notebook 07's final "
+                     "benchmark (`python -m course_utils benchmark`) times it with the other runtimes.")
+    if (qat := run.get(QatRecord)) is not None and "onnxruntime_int8-qat" not in dict(entries):
         rows.append(((0, ORDER["qat"], 0), _row("QAT INT8 (Q/DQ ONNX)", {"val_top1": qat.metrics.get("val_top1")},
                                                 "this machine · ONNX Runtime CPU (accuracy only)",
                                                 _mb(qat.onnx.size_bytes), "qat" in run.stale)))
@@ -540,7 +589,7 @@ def _pipeline(run: _Run) -> tuple[list[PipelineRow], list[str]]:
     if engines is not None and not engines.engines:
         planned = engines.settings.get("planned_for_tensorrt")
         notes.append("TensorRT: no engine was built on this machine (no TensorRT or no GPU)"
-                     + (f"; notebook 05 planned them for TensorRT {planned}" if planned else "")
+                     + (f"; notebooks 05 (FP32, FP16) and 06 (INT8) planned them for TensorRT {planned}" if planned else "")
                      + ". Build them on a GPU machine or a Jetson (the deploy kit) to add their rows.")
     notes += [f"⚠ stale {stage} rows: {scrub(run.stale[stage], run.workspace)}"
               for stage in ("benchmark", "ptq", "qat", "device_run") if stage in run.stale]

@@ -13,9 +13,11 @@ Runners: ``TorchRunner`` (PyTorch eager, CPU or CUDA; in ``course_utils.vision.i
 are timed end to end alike. ``Runner``, ``Latency`` and the one timer, ``measure_latency``, live in
 ``course_utils.core.timing``: the zoo, the ONNX stage, this benchmark and the INT8 stage all time with it.
 
-``run_benchmark(config)`` is the benchmark stage: every runner of the model that ships (``deployed_model``),
-timed and checked on the validation split, saved as the ``BenchmarkRecord`` (engine build times are in the
-engines record).
+``run_benchmark(config, precisions)`` times and checks, on the validation split, every runner of the model
+that ships (``deployed_model``) whose artifact exists, limited to the precisions asked for: notebook 05 asks
+for FP32 and FP16; the final benchmark (``course_utils.deploy.final_benchmark``, notebook 07 and
+``python -m course_utils benchmark``) asks for all of them and records the result. Engine build times are in
+the engines record.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from course_utils.core.artifacts import file_sha256
 from course_utils.core.config import CourseConfig
-from course_utils.core.environment import package_version, tensorrt_version
 from course_utils.core.lazy import lazy_import
 from course_utils.core.timing import (
     Latency,
@@ -40,11 +42,6 @@ from course_utils.core.timing import (
 )
 from course_utils.deploy.tensorrt_engines import BatchProfile, ort_tensorrt_options
 from course_utils.vision.inference import TorchRunner
-
-if TYPE_CHECKING:
-    from course_utils.core.artifacts import BenchmarkRecord
-
-
 
 ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                  "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -138,16 +135,28 @@ def ptq_cpu_model(config: CourseConfig, onnx_sha256: str) -> Path | None:
     return record.cpu_int8.resolve(config.workspace) if record is not None and record.cpu_int8 else None
 
 
+def qat_cpu_model(config: CourseConfig, model_sha256: str) -> Path | None:
+    """The QAT stage's Q/DQ ONNX (notebook 07), when it was made from the deployed model ``model_sha256``."""
+    from course_utils.core.artifacts import QatRecord
+    from course_utils.core.ledger import Ledger
+
+    record = Ledger(config.workspace).current(QatRecord, made_from={"model": model_sha256})
+    return record.onnx.resolve(config.workspace) if record is not None else None
+
+
 def course_runners(model: Any, onnx_path: Path, threads: int, int8_path: Path | None = None,
                    engines: Mapping[str, Path] | None = None,
-                   engine_max_batch: int | None = None) -> list[Runner]:
-    """PyTorch and ONNX Runtime FP32 on the CPU, ONNX Runtime INT8 when given (``ptq_cpu_model``), TensorRT engines.
+                   engine_max_batch: int | None = None, qat_path: Path | None = None) -> list[Runner]:
+    """PyTorch and ONNX Runtime FP32 on the CPU, ONNX Runtime INT8 PTQ (``ptq_cpu_model``) and QAT
+    (``qat_cpu_model``, precision ``int8-qat``) when given, TensorRT engines.
 
     ``engines`` maps a precision to an engine file, run on profile 0 with up to ``engine_max_batch`` images.
     """
     runners: list[Runner] = [TorchRunner(model, threads=threads), OrtRunner(onnx_path, threads=threads)]
     if (int8 := int8_path) is not None:
         runners.append(OrtRunner(int8, threads=threads, precision="int8"))
+    if qat_path is not None:
+        runners.append(OrtRunner(qat_path, threads=threads, precision="int8-qat"))
     runners += [TensorRTRunner(path, precision, max_batch=engine_max_batch)
                 for precision, path in (engines or {}).items()]
     return runners
@@ -252,23 +261,27 @@ def speedup(results: Sequence[RuntimeResult], faster: str, baseline: str, batch:
 
 @dataclass
 class BenchmarkResult:
-    """The benchmark stage's outcome: one row per runtime, the thread comparison and the record."""
+    """What ``run_benchmark`` measured: one row per runtime, the thread comparison, and what it was made from.
+
+    ``made_from`` names every measured file by role (``model``, ``onnx``, ``int8``, ``int8-qat``,
+    ``tensorrt_<precision>``) and its sha256.
+    """
 
     results: list[RuntimeResult]
     threads: dict[int, Latency]
-    record: BenchmarkRecord
+    made_from: dict[str, str]
 
 
-def run_benchmark(config: CourseConfig, thread_counts: Sequence[int] = (1, 2)) -> BenchmarkResult:
-    """The benchmark stage: every runtime of the model that ships, on the validation split, side by side.
+def run_benchmark(config: CourseConfig, precisions: Sequence[str] = ("fp32", "fp16", "int8"),
+                  thread_counts: Sequence[int] = (1, 2)) -> BenchmarkResult:
+    """Every runtime of the model that ships, in the given ``precisions``, on the validation split, side by side.
 
-    PyTorch and ONNX Runtime FP32 always; ONNX Runtime INT8 when notebook 06 made it from this ONNX; TensorRT
-    engines when this machine built them. Also times ONNX Runtime at each of ``thread_counts``. Notebook 05
-    and ``python -m course_utils benchmark`` call this (rerun after notebook 06, it adds the INT8 row);
+    PyTorch and ONNX Runtime FP32 always (the baseline); with ``int8``, ONNX Runtime INT8 when notebook 06
+    made it from this ONNX and the QAT Q/DQ ONNX when notebook 07 made it from this model; TensorRT engines
+    of these precisions when this machine built them. Also times ONNX Runtime at each of ``thread_counts``.
+    Nothing is built or trained here, and nothing is recorded (``final_benchmark.run`` records);
     runners are closed whatever happens.
     """
-    from course_utils.core.artifacts import BenchmarkRecord
-    from course_utils.core.ledger import Ledger
     from course_utils.deploy.tensorrt_engines import engines_here, onnx_model
     from course_utils.vision.data import resolve_dataset
     from course_utils.vision.deployment import load_deployed
@@ -277,9 +290,10 @@ def run_benchmark(config: CourseConfig, thread_counts: Sequence[int] = (1, 2)) -
     model, deployed = load_deployed(config)
     onnx = onnx_model(config)
     images, labels = validation_arrays(resolve_dataset(config).samples["val"], model.preprocessing.eval_transform())
-    int8 = ptq_cpu_model(config, onnx.sha256)
-    runners = course_runners(model, onnx.path, bench.threads, int8, engines_here(config, onnx),
-                             config.engine.batch_max)
+    int8 = ptq_cpu_model(config, onnx.sha256) if "int8" in precisions else None
+    qat = qat_cpu_model(config, deployed.sha256) if "int8" in precisions else None
+    engines = {p: path for p, path in engines_here(config, onnx).items() if p in precisions}
+    runners = course_runners(model, onnx.path, bench.threads, int8, engines, config.engine.batch_max, qat)
     try:
         results = benchmark(runners, bench.batch_sizes, onnx.input_size, bench.warmup, bench.iterations, images, labels)
     finally:
@@ -287,14 +301,7 @@ def run_benchmark(config: CourseConfig, thread_counts: Sequence[int] = (1, 2)) -
             runner.close()
     threads = compare_threads(lambda n: OrtRunner(onnx.path, threads=n), thread_counts, batch=max(bench.batch_sizes),
                               input_size=onnx.input_size, warmup=bench.warmup, iterations=bench.iterations)
-    metrics: dict[str, Any] = {**benchmark_metrics(results),
-                               "onnxruntime_threads_p50_ms": {str(n): round(lat.p50_ms, 2) for n, lat in threads.items()}}
-    if 8 in bench.batch_sizes:
-        metrics["onnxruntime_vs_pytorch_b8"] = round(speedup(results, "onnxruntime_fp32", "pytorch_fp32"), 3)
-    made_from = {"model": deployed.sha256, "onnx": onnx.sha256}
-    record = Ledger(config.workspace).save(BenchmarkRecord(
-        made_from=made_from, settings={"benchmark": bench.model_dump(), "int8": int8 is not None},
-        tools={"onnxruntime": package_version("onnxruntime"), "torch": package_version("torch"),
-               "tensorrt": tensorrt_version()}, metrics=metrics))
-    return BenchmarkResult(results, threads, record)
-
+    files = {"int8": int8, "int8-qat": qat, **{f"tensorrt_{p}": path for p, path in engines.items()}}
+    made_from = {"model": deployed.sha256, "onnx": onnx.sha256,
+                 **{role: file_sha256(path) for role, path in files.items() if path is not None}}
+    return BenchmarkResult(results, threads, made_from)

@@ -12,10 +12,12 @@ nothing: the memory-pool and calibrator types, and reading a built engine's prof
 is type-checked against ``tensorrt-stubs`` (``make typecheck``). Everything that needs no GPU
 (profiles, file names, cache keys, routes, command lines) is plain Python that works without TensorRT.
 
-``run(config)`` is the stage (notebook 05, ``build-engine``, ``prepare-demo``): it plans every configured
-precision for the ONNX stage's export of the model that ships, builds the engines where TensorRT and a GPU
+``run(config, precisions)`` is the stage (``build-engine``, ``prepare-demo``): it plans the configured
+precisions for the ONNX stage's export of the model that ships, builds the engines where TensorRT and a GPU
 are, and saves the ``EnginesRecord`` (the engines built here and their build times; none without TensorRT
-or a GPU, where only the returned plans show a Jetson user's commands).
+or a GPU, where only the returned plans show a Jetson user's commands). Each precision is built by the
+notebook that teaches it: notebook 05 asks for ``FLOAT_PRECISIONS``, notebook 06 for ``INT8_PRECISIONS``
+once its calibrated Q/DQ ONNX exists; the record keeps the engines of the other call.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ LOG = logging.getLogger(__name__)
 Precision = Literal["fp32", "fp16", "int8"]
 CalibratorKind = Literal["entropy", "minmax"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
+FLOAT_PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")  # notebook 05 builds these
+INT8_PRECISIONS: tuple[Precision, ...] = ("int8",)  # notebook 06, after it calibrated the Q/DQ ONNX
 OLDEST_TENSORRT = (8, 5)  # JetPack 5.1; Polygraphy supports nothing older
 # What a Jetson user has: JetPack release -> the TensorRT and CUDA it ships (NVIDIA's JetPack release notes).
 JETPACK_TENSORRT = {"JetPack 5.1.x": "8.5.2", "JetPack 6.1 / 6.2": "10.3.0", "JetPack 7.0": "10.13.0"}
@@ -176,8 +180,8 @@ class BuildRoute:
                     "(notebook 06) calibrated and validated, in the copy written with FP16 between the Q/DQ "
                     "pairs: an FP32 one would run every layer that is not quantized in FP32.")
         else:
-            text = (f"TensorRT {self.tensorrt}: networks are weakly typed. All three engines build the same "
-                    "FP32 ONNX; the builder flags FP16 and INT8 let TensorRT pick faster kernels. ")
+            text = (f"TensorRT {self.tensorrt}: networks are weakly typed. The FP32, FP16 and INT8 engines build "
+                    "the same FP32 ONNX; the builder flags FP16 and INT8 let TensorRT pick faster kernels. ")
             text += ("INT8 takes its scales from the quantization stage's Q/DQ ONNX when there is one, else it "
                      "calibrates implicitly on training images (IInt8 calibrator; the cache is kept). "
                      if self.qdq_parser else
@@ -463,9 +467,10 @@ def autocast_fp16(source: Path, output: Path) -> Path:
     """Convert an FP32 ONNX to mixed FP16 with ModelOpt AutoCast (FP32 inputs and outputs); runs on the CPU."""
     import onnx
 
-    convert_to_mixed_precision = lazy_import("modelopt.onnx.autocast", "deploy",
-                                             "FP16 on strongly typed TensorRT").convert_to_mixed_precision
-    converted = convert_to_mixed_precision(str(source), low_precision_type="fp16", keep_io_types=True)
+    autocast = lazy_import("modelopt.onnx.autocast", "deploy", "FP16 on strongly typed TensorRT")
+    # ModelOpt 0.31 (the newest for JetPack 6.0's torch 2.3) calls it `convert`; 0.33 and later, as below.
+    convert = getattr(autocast, "convert_to_mixed_precision", None) or autocast.convert
+    converted = convert(str(source), low_precision_type="fp16", keep_io_types=True)
     with atomic_path(output) as tmp:
         onnx.save(converted, str(tmp))
     return output
@@ -712,13 +717,18 @@ def qdq_onnx_path(config: CourseConfig, model: OnnxModel, route: BuildRoute) -> 
     return ref.resolve(config.workspace) if ref is not None else None
 
 
-def course_plans(config: CourseConfig, model: OnnxModel, tensorrt: str, gpu: Gpu, cuda: str | None = None
-                 ) -> dict[str, EnginePlan | EngineBuildError]:
-    """A plan per configured precision for one TensorRT version, GPU and CUDA (default: this machine's),
-    or the reason it cannot be built."""
+def wanted_precisions(config: CourseConfig, precisions: Sequence[Precision] | None = None) -> list[Precision]:
+    """The configured precisions (``engine.precisions``), in course order, limited to ``precisions`` when given."""
+    return [p for p in PRECISIONS if p in config.engine.precisions and (precisions is None or p in precisions)]
+
+
+def course_plans(config: CourseConfig, model: OnnxModel, tensorrt: str, gpu: Gpu, cuda: str | None = None,
+                 precisions: Sequence[Precision] | None = None) -> dict[str, EnginePlan | EngineBuildError]:
+    """A plan per configured precision (of ``precisions``, default all) for one TensorRT version, GPU and CUDA
+    (default: this machine's), or the reason it cannot be built."""
     route = build_route(tensorrt)
     plans: dict[str, EnginePlan | EngineBuildError] = {}
-    for precision in config.engine.precisions:
+    for precision in wanted_precisions(config, precisions):
         try:
             plans[precision] = plan_engine(model, precision, route, gpu, config.engine, engines_dir(config),
                                            qdq_onnx_path(config, model, route), config.quant.calibration_images,
@@ -729,21 +739,24 @@ def course_plans(config: CourseConfig, model: OnnxModel, tensorrt: str, gpu: Gpu
 
 
 def build_course_engines(config: CourseConfig, dataset: ImageFolderDataset, model: OnnxModel,
-                         transform: Any) -> dict[str, EngineBuild | EngineBuildError]:
-    """Build every configured precision with this machine's GPU and TensorRT; the first is timed three ways.
+                         transform: Any, precisions: Sequence[Precision] | None = None
+                         ) -> dict[str, EngineBuild | EngineBuildError]:
+    """Build the configured precisions (of ``precisions``, default all) with this machine's GPU and TensorRT.
 
-    A precision that cannot be calibrated or built is recorded as skipped, with why, and the others go on.
+    The first FP32 or FP16 engine is timed three ways (``measure_build_times``); an INT8 engine is built once,
+    since timing it cold would calibrate again. A precision that cannot be calibrated or built is recorded
+    as skipped, with why, and the others go on.
     """
     installed, gpu = tensorrt_version(), detect_gpu()
     if installed is None or gpu is None:
         raise EngineBuildError("Building engines needs TensorRT and a CUDA GPU; this machine has "
                                f"TensorRT {installed or 'none'} and GPU {gpu.name if gpu else 'none'}.")
     builds: dict[str, EngineBuild | EngineBuildError] = {}
-    for precision, plan in course_plans(config, model, installed, gpu).items():
+    for precision, plan in course_plans(config, model, installed, gpu, precisions=precisions).items():
         if isinstance(plan, EngineBuildError):
             builds[precision] = plan
             continue
-        first = not any(isinstance(made, EngineBuild) for made in builds.values())
+        first = precision != "int8" and not any(isinstance(made, EngineBuild) for made in builds.values())
         try:
             calibration = (calibration_set(plan, dataset.samples["train"], transform, config.seed)
                            if plan.calibrate else None)
@@ -806,13 +819,30 @@ class EnginesResult:
         return {precision: made for precision, made in self.builds.items() if isinstance(made, EngineBuild)}
 
 
-def run(config: CourseConfig, plan_for: str | None = None) -> EnginesResult:
-    """The engine stage: plan every configured precision and, with TensorRT and a GPU here, build it.
+def merge_metrics(earlier: dict[str, Any], now: dict[str, Any], rebuilt: Sequence[str]) -> dict[str, Any]:
+    """The record's build figures after building ``rebuilt``: theirs from ``now``, the other precisions' kept.
+
+    The three timing-cache builds stay those of the call that timed them (an INT8-only call times none).
+    """
+    def kept(section: str, prefix: str = "") -> dict[str, Any]:
+        return {k: v for k, v in earlier.get(section, {}).items() if k.removeprefix(prefix) not in rebuilt}
+
+    return {"build_seconds": {**kept("build_seconds", "tensorrt_"), **now["build_seconds"]},
+            "timing_cache_builds": now["timing_cache_builds"] or earlier.get("timing_cache_builds", {}),
+            "skipped_engines": {**kept("skipped_engines"), **now["skipped_engines"]}}
+
+
+def run(config: CourseConfig, plan_for: str | None = None,
+        precisions: Sequence[Precision] | None = None) -> EnginesResult:
+    """The engine stage: plan the configured precisions (of ``precisions``, default all) and, with TensorRT
+    and a GPU here, build them.
 
     Without TensorRT the plan is for ``JetPack 6.1 / 6.2`` on a Jetson Orin (the commands a Jetson user runs);
     ``plan_for`` plans for another TensorRT version and records nothing. Needs the ONNX stage's record made
-    from the model that ships now (else it says to rerun notebook 04). Notebook 05, ``build-engine`` and
-    ``prepare-demo`` call this.
+    from the model that ships now (else it says to rerun notebook 04). Notebook 05 builds
+    ``FLOAT_PRECISIONS``, notebook 06 ``INT8_PRECISIONS``; ``build-engine`` and ``prepare-demo`` build all.
+    The saved record keeps the engines a call did not rebuild when they were made from the same ONNX with
+    the same TensorRT, GPU and CUDA.
     """
     from course_utils.core.artifacts import EnginesRecord, FileRef
     from course_utils.core.ledger import Ledger, deployed_model
@@ -826,21 +856,29 @@ def run(config: CourseConfig, plan_for: str | None = None) -> EnginesResult:
     build_here = plan_for is None and installed is not None and gpu_here is not None
     gpu = gpu_here if build_here and gpu_here is not None else JETSON_ORIN
     cuda = None if build_here else jetpack_cuda(target)
-    plans = course_plans(config, model, target, gpu, cuda)
+    plans = course_plans(config, model, target, gpu, cuda, precisions)
     builds: dict[str, EngineBuild | EngineBuildError] = {}
     not_built_because = None if build_here else (
         f"asked for the plan of TensorRT {plan_for}" if plan_for else
         f"this machine has TensorRT {installed or 'none'} and CUDA GPU {gpu_here.name if gpu_here else 'none'}")
     if build_here:
         transform = entry(deployed_model(ledger, config).backbone).preprocessing.eval_transform()
-        builds = build_course_engines(config, resolve_dataset(config), model, transform)
+        builds = build_course_engines(config, resolve_dataset(config), model, transform, precisions)
+    built = {p: FileRef.of(b.plan.engine_path, config.workspace) for p, b in builds.items()
+             if isinstance(b, EngineBuild)}
+    tools = {"tensorrt": installed, "cuda": cuda_version() if build_here else None,
+             "polygraphy": package_version("polygraphy")}
+    metrics = build_metrics(builds)
+    earlier = ledger.current(EnginesRecord, made_from={"onnx": model.sha256})
+    if earlier is not None and (earlier.tensorrt, earlier.gpu, earlier.tools.get("cuda")) == (
+            installed, gpu.name if build_here else None, tools["cuda"]):
+        built = {**{p: ref for p, ref in earlier.engines.items() if p not in plans}, **built}
+        metrics = merge_metrics(earlier.metrics, metrics, list(plans))
     record = EnginesRecord(
-        engines={p: FileRef.of(b.plan.engine_path, config.workspace) for p, b in builds.items()
-                 if isinstance(b, EngineBuild)},
+        engines={p: built[p] for p in PRECISIONS if p in built},
         tensorrt=installed, gpu=gpu.name if build_here else None, made_from={"onnx": model.sha256},
-        settings={"engine": config.engine.model_dump(), "planned_for_tensorrt": target},
-        tools={"tensorrt": installed, "cuda": cuda_version() if build_here else None,
-               "polygraphy": package_version("polygraphy")}, metrics=build_metrics(builds))
+        settings={"engine": config.engine.model_dump(), "planned_for_tensorrt": target}, tools=tools,
+        metrics=metrics)
     if plan_for is None:
         ledger.save(record)
     return EnginesResult(model, target, gpu, plans, builds, record, not_built_because)
