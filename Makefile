@@ -54,6 +54,12 @@ doctor: venv
 editions: venv
 	$(PY) -m course_utils editions
 
+# The newest Python $(1) (3.8, 3.10) that pyenv installed, whether pyenv is on PATH or not; none: an error naming
+# the fix. In a recipe: `python=$$($(call pyenv_python,3.8)) || exit 1`.
+pyenv_python = ls -d $$(pyenv root 2>/dev/null || echo /nonexistent)/versions/$(1).*/bin/python \
+	$(HOME)/.pyenv/versions/$(1).*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep . || \
+	{ echo "error: no Python $(1) in \$$(pyenv root)/versions or $(HOME)/.pyenv/versions: install one (pyenv install $(1))" >&2; false; }
+
 # The Jetson deploy kit's device script runs on JetPack 5.1's Python 3.8: the tests run it there too, from pyenv's
 # 3.8 (on PATH or not), with the last numpy, ONNX Runtime and Pillow releases for 3.8.
 VENV38 ?= .venv-py38
@@ -61,12 +67,7 @@ PY38_PACKAGES := numpy==1.24.4 onnxruntime==1.19.2 pillow==10.4.0
 py38: $(VENV38)/.installed
 
 $(VENV38)/.installed:
-	@python38=$$(ls -d $$(pyenv root 2>/dev/null || echo /nonexistent)/versions/3.8.*/bin/python \
-	  $(HOME)/.pyenv/versions/3.8.*/bin/python 2>/dev/null | sort -V | tail -n 1); \
-	if [ -z "$$python38" ]; then \
-	  echo "error: no Python 3.8 in \$$(pyenv root)/versions or $(HOME)/.pyenv/versions: install one (pyenv install 3.8)" >&2; \
-	  exit 1; \
-	fi; \
+	@python38=$$($(call pyenv_python,3.8)) || exit 1; \
 	test -x $(VENV38)/bin/python || $$python38 -m venv $(VENV38); \
 	$(VENV38)/bin/python -m pip install -q $(PY38_PACKAGES)
 	touch $@
@@ -85,12 +86,7 @@ TORCH23_TESTS := tests/test_zoo.py tests/test_finetune.py tests/test_compat.py t
 py310: $(VENV310)/.installed
 
 $(VENV310)/.installed:
-	@python310=$$(ls -d $$(pyenv root 2>/dev/null || echo /nonexistent)/versions/3.10.*/bin/python \
-	  $(HOME)/.pyenv/versions/3.10.*/bin/python 2>/dev/null | sort -V | tail -n 1); \
-	if [ -z "$$python310" ]; then \
-	  echo "error: no Python 3.10 in \$$(pyenv root)/versions or $(HOME)/.pyenv/versions: install one (pyenv install 3.10)" >&2; \
-	  exit 1; \
-	fi; \
+	@python310=$$($(call pyenv_python,3.10)) || exit 1; \
 	rm -rf $(filter-out $(VENV310),$(wildcard $(dir $(VENV310))venv-py310-*)); \
 	test -x $(VENV310)/bin/python || $$python310 -m venv $(VENV310)
 	$(VENV310)/bin/python -m pip install -q -c constraints/jetpack6.txt $(PY310_TORCH) -e ".[vision,deploy]" \
