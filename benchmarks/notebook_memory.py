@@ -4,8 +4,8 @@
 (summed over the process tree every 0.2 s, `course_utils.core.notebooks.PeakMemory`) and records it. Run the
 notebooks first, then print the table from one or more workspaces (several when the notebooks ran in chunks):
 
-    COURSE_WORKSPACE=/tmp/ws python -m course_utils run-all --spec smoke --only 00 01 02
-    .venv/bin/python benchmarks/notebook_memory.py /tmp/ws [/tmp/ws2 ...]
+    COURSE_WORKSPACE=workspace/smoke python -m course_utils run-all --spec smoke --only 00 01 02
+    .venv/bin/python benchmarks/notebook_memory.py workspace/smoke [workspace/other ...]
 
 A later run of a notebook replaces an earlier one's row. Sums of RSS count shared pages once per process: the
 figures are upper bounds of what the notebook needs.

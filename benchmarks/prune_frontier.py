@@ -13,14 +13,15 @@ and retraining budget): each stage starts from the best settings so far, ties go
 ``--frontier`` prunes notebook 02's fine-tuned model (its ledger record in the workspace) at each ``--ratios``
 with and without distillation, everything else as the spec says, and reports **val** top-1 (scored once per
 configuration), dev top-1 (the dev part retraining picked its epoch on), MACs, parameters and CPU latency at
-batch 1 and 8 with one thread: PyTorch eager and ONNX Runtime. Run it under the heavy lock.
+batch 1 and 8 with one thread: PyTorch eager and ONNX Runtime. Run nothing else meanwhile: the latencies are
+measured on this machine's cores.
 
 Rows are cached in ``<workspace>/benchmarks/prune_frontier.jsonl`` (and every pruned run in
 ``<workspace>/prune``); ``--budget-s`` stops starting new rows after that many seconds, so a long run goes
 in chunks that resume where the last one stopped:
 
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/prune_frontier.py --select --budget-s 480
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/prune_frontier.py --frontier --budget-s 480
+    .venv/bin/python benchmarks/prune_frontier.py --select --budget-s 480
+    .venv/bin/python benchmarks/prune_frontier.py --frontier --budget-s 480
 """
 
 from __future__ import annotations

@@ -339,12 +339,20 @@ def test_dev_split_is_stratified_disjoint_and_fixed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("change", [{"prune.distill_alpha": 1.5}, {"prune.distill_temperature": 0},
                                     {"prune.steps": 0}, {"prune.dev_fraction": 1.0}, {"prune.sweep": [0.0, 1.2]},
-                                    {"prune.importance": "l3"}])
+                                    {"prune.importance": "l3"}, {"prune.importance": "lamp"}])
 def test_prune_spec_options_are_validated(change: dict[str, object]) -> None:
     from course_utils.core.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="prune"):
         load_config("default", change, environ={})
+
+
+def test_the_spec_offers_exactly_the_criteria_pruning_has() -> None:
+    from typing import get_args
+
+    from course_utils.core.config import PruneConfig
+
+    assert set(get_args(PruneConfig.model_fields["importance"].annotation)) == set(prune.IMPORTANCES)
 
 
 def test_prune_and_retrain_distils_and_picks_its_epoch_on_dev(cnn: zoo.Classifier, config: CourseConfig,

@@ -569,24 +569,6 @@ def profile_recipe(model: OnnxModel, base: VariantResult, threads: int = 1, min_
     return times, (replace(base.recipe, keep_fp32=slow, label="slow") if slow else None)
 
 
-def layer_gain_figure(times: Sequence[LayerTime]) -> Any:
-    """Each layer's INT8 gain in graph order, coloured by kind, with the break-even line at 1×."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 3.5))
-    axis = figure.add_subplot()
-    for kind in dict.fromkeys(t.kind for t in times):
-        points = [(i, t.gain) for i, t in enumerate(times) if t.kind == kind]
-        axis.scatter([i for i, _ in points], [g for _, g in points], label=kind, s=18)
-    axis.axhline(1.0, color="grey", linewidth=1, linestyle="--")
-    axis.set_xlabel("layer (graph order)")
-    axis.set_ylabel("INT8 speed-up over FP32 (x)")
-    axis.set_title("Which layers gain from INT8 (ONNX Runtime CPU profiler)")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
 def tensorrt_fp16_qdq(model: OnnxModel, variants: Sequence[VariantResult], calibration: CalibrationSet,
                       folder: Path) -> Int8Model | None:
     """The best ModelOpt variant again, written with FP16 between its Q/DQ pairs: strongly typed TensorRT 11's

@@ -155,7 +155,8 @@ def same_prompt_groups(texts: list[str], vectors: Any = None) -> Any:
 
 
 class SafetyClassifier:
-    """Averaged n-gram and sentence-embedding logistic regressions; ``score(text)`` says whether to block."""
+    """Character n-grams with logistic regression and sentence embeddings with an RBF SVM, their harm scores
+    averaged by ``ngram_weight``; ``score(text)`` says whether to block."""
 
     def __init__(self, settings: dict[str, Any], use_encoder: bool) -> None:
         self.settings = settings

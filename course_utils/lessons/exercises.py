@@ -183,12 +183,13 @@ def rails_verdicts(requests: Sequence[str], configuration: str, endpoint: Endpoi
                    cache_dir: Path | None = None) -> dict[str, str]:
     """Which rail type stops each request in ``configuration``: ``input``, ``dialog`` or ``none``, as the rails
     themselves answer (``story_rails.evaluate_rails``: the input and dialog rails, no story written)."""
+    from course_utils.genai.story import StoryError
     from course_utils.genai.story_rails import RedTeamItem, evaluate_rails
 
     items = [RedTeamItem(text, adversarial=False, category="exercise") for text in requests]
     result = evaluate_rails(configuration, items, endpoint, cache_dir=cache_dir)
     if result.skipped:
-        raise ValueError(f"The {configuration} rails cannot run here ({result.skipped}): pick another configuration.")
+        raise StoryError(f"The {configuration} rails cannot run here ({result.skipped}): pick another configuration.")
     return {item.text: verdict.rail_type or "none" for item, verdict in zip(result.items, result.verdicts)}
 
 
