@@ -50,7 +50,8 @@ doctor: venv
 	$(PY) -m course_utils doctor
 
 # The learner edition (no solutions) and the instructor edition (solutions, strict checks) of every notebook, from
-# notebooks/ (the one source): workspace/editions/en/{learner,instructor}/. Only changed notebooks are rewritten.
+# notebooks/ (the one source), in English and in every language of notebooks/translations/ (zh-CN):
+# workspace/editions/<language>/{learner,instructor}/. Only changed notebooks are rewritten.
 editions: venv
 	$(PY) -m course_utils editions
 
@@ -106,7 +107,7 @@ jetson:
 # mypy over the TensorRT-facing modules against tensorrt-stubs, which never land on sys.path.
 TYPECHECKED := course_utils/deploy/tensorrt_engines.py course_utils/deploy/runtimes.py \
 	course_utils/deploy/calibration.py course_utils/deploy/ptq.py course_utils/deploy/jetson_kit.py \
-	course_utils/deploy/kit_device/trt_kit.py course_utils/app course_utils/core
+	course_utils/deploy/kit_device/trt_kit.py course_utils/app course_utils/core course_utils/lessons
 typecheck: venv
 	MYPYPATH=$$($(PY) tools/tensorrt_stubs.py) $(PY) -m mypy --follow-imports=silent $(TYPECHECKED)
 

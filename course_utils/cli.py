@@ -87,15 +87,35 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_editions(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from course_utils.lessons.editions import EDITIONS, build_editions, edition_dir
+    from course_utils.lessons.editions import EDITIONS, SOURCE_LANGUAGE, edition_dir
+    from course_utils.lessons.translations import build_language_editions, translated_languages
 
     out = Path(args.out) if args.out else _config(args).workspace / "editions"
-    files = build_editions(out)
-    for edition in EDITIONS:
-        print(f"{edition:10} {edition_dir(out, 'en', edition)}")
-    written = sum(file.written for file in files)
-    print(f"{written} notebook(s) written, {len(files) - written} unchanged (the learner edition goes to learners)")
+    for language in args.language or [SOURCE_LANGUAGE, *translated_languages()]:
+        files, kept_english = build_language_editions(out, language)
+        for edition in EDITIONS:
+            print(f"{language:6} {edition:10} {edition_dir(out, language, edition)}")
+        written = sum(file.written for file in files)
+        print(f"{language:6} {written} notebook(s) written, {len(files) - written} unchanged")
+        if kept_english:
+            print(f"{language:6} {len(kept_english)} Markdown cell(s) kept in English, untranslated or stale: "
+                  f"python -m course_utils translations {language} --english")
+    print("The learner edition goes to learners, the instructor edition to instructors.")
     return 0
+
+
+def cmd_translations(args: argparse.Namespace) -> int:
+    from course_utils.lessons.translations import describe_issues, translated_languages, translation_issues
+
+    to_fix = 0
+    for language in args.language or translated_languages():
+        issues = translation_issues(language)
+        for line in describe_issues(issues, show_english=args.english):
+            print(f"{language} {line}")
+        print(f"{language}: {len(issues)} cell(s) to translate or fix (--english shows their text and hash)" if issues
+              else f"{language}: every Markdown cell of every notebook is translated, current and intact")
+        to_fix += len(issues)
+    return 1 if to_fix else 0
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
@@ -304,7 +324,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "data": (cmd_data, "list the datasets, or fetch/verify/build the configured one"),
     "run-all": (cmd_run_all, "the main job: run every notebook headless and write the report"),
     "report": (cmd_report, "rebuild report.md/report.html from the results ledger, or compare two runs"),
-    "editions": (cmd_editions, "write the learner and instructor editions of every notebook from notebooks/"),
+    "editions": (cmd_editions, "write the learner and instructor editions of every notebook, in every language"),
+    "translations": (cmd_translations, "list the untranslated, stale or mangled cells of each translated edition"),
     "speak": (cmd_speak, "read a text aloud into a WAV file (the offline voice, or NeMo when available)"),
     "transcribe": (cmd_transcribe, "turn speech in an audio file (WAV, FLAC, MP3, ...) into text"),
     "zoo": (cmd_zoo, "the pretrained model registry: names, sources, sizes, local weights"),
@@ -385,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--out", metavar="DIR", help="write into DIR (default: the workspace)")
         elif name == "editions":
             command.add_argument("--out", metavar="DIR", help="write into DIR (default: workspace/editions)")
+            command.add_argument("--language", nargs="*", help="only these languages (default: en and every "
+                                 "language with files in notebooks/translations/)")
+        elif name == "translations":
+            command.add_argument("language", nargs="*", help="the languages to check (default: all), e.g. zh-CN")
+            command.add_argument("--english", action="store_true",
+                                 help="show each cell's English text and the source_sha256 to record")
         elif name == "run-all":
             command.add_argument("--only", nargs="*", help="run only notebooks whose names start with these prefixes")
     return parser

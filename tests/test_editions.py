@@ -161,12 +161,16 @@ def test_a_translated_edition_is_one_more_language(tmp_path: Path) -> None:
         build_editions(tmp_path / "editions", sources, language="zh")
 
 
-def test_the_cli_and_make_write_both_editions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_and_make_write_both_editions_in_every_language(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["editions", "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert f"{2 * len(NOTEBOOKS)} notebook(s) written" in printed
-    for edition in ("learner", "instructor"):
-        assert sorted(p.name for p in edition_dir(tmp_path / "out", "en", edition).glob("*.ipynb")) == [
-            p.name for p in NOTEBOOKS]
+    for language in ("en", "zh-CN"):
+        assert f"{language:6} {len(NOTEBOOKS) * 2} notebook(s) written" in printed
+        for edition in ("learner", "instructor"):
+            assert sorted(p.name for p in edition_dir(tmp_path / "out", language, edition).glob("*.ipynb")) == [
+                p.name for p in NOTEBOOKS]
+    assert main(["editions", "--out", str(tmp_path / "out"), "--language", "zh-CN"]) == 0
+    assert f"zh-CN  0 notebook(s) written, {len(NOTEBOOKS) * 2} unchanged" in capsys.readouterr().out
     dry_run = subprocess.run(["make", "-n", "editions"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert "-m course_utils editions" in dry_run.stdout

@@ -3,9 +3,11 @@
 Each notebook runs twice, in one workspace shared by all of them as a learner's run would be (each stage reads
 what the previous one wrote): first the source with ``SHOW_SOLUTIONS=True``, which is the instructor edition
 (``tests/test_editions.py`` proves the two are the same notebook), so every solution must pass its strict
-check; then, right after it, its learner edition (no solutions, checks not strict), which must run through with
-every exercise reported as not attempted. Executed copies land in ``<workspace>/executed`` for reading. The
-workspace is ``workspace/tests`` (``NOTEBOOK_TESTS_WORKSPACE`` moves it, e.g. for a run beside another one).
+check; then, right after it, its Chinese learner edition (no solutions, checks not strict, the prose in
+Simplified Chinese), which must run through with every exercise reported as not attempted. Its code cells are
+the English learner edition's (``tests/test_translations.py`` proves it), so this run is a run of both.
+Executed copies land in ``<workspace>/executed`` for reading. The workspace is ``workspace/tests``
+(``NOTEBOOK_TESTS_WORKSPACE`` moves it, e.g. for a run beside another one).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 from course_utils.core.config import REPO_ROOT
 from course_utils.core.notebooks import NOTEBOOK_NAME, NOTEBOOKS_DIR, course_notebooks, run_notebook
 from course_utils.lessons.editions import exercises, render_edition
+from course_utils.lessons.translations import translator
 
 NOTEBOOKS = course_notebooks()
 TEST_WORKSPACE = Path(os.environ.get("NOTEBOOK_TESTS_WORKSPACE", REPO_ROOT / "workspace" / "tests"))
@@ -99,17 +102,17 @@ def _check_outputs(source: Path, executed: Path) -> list[str]:
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("edition", ["source", "learner"])
+@pytest.mark.parametrize("edition", ["source", "learner-zh-CN"])
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_smoke_mode(notebook: Path, edition: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COURSE_WORKSPACE", str(TEST_WORKSPACE))
     executed = TEST_WORKSPACE / "executed" / edition / notebook.name
     if edition == "source":  # the instructor edition: solutions filled in, every check strict
         run = run_notebook(notebook, executed, {"SPEC": "smoke", "SHOW_SOLUTIONS": True})
-    else:  # the learner edition, written beside the executed copies; it keeps SHOW_SOLUTIONS = False
-        learner = TEST_WORKSPACE / "editions" / "learner" / notebook.name
+    else:  # the Chinese learner edition, written beside the executed copies; it keeps SHOW_SOLUTIONS = False
+        learner = TEST_WORKSPACE / "editions" / "zh-CN" / "learner" / notebook.name
         learner.parent.mkdir(parents=True, exist_ok=True)
-        learner.write_text(render_edition(notebook, "learner"))
+        learner.write_text(render_edition(notebook, "learner", "zh-CN", translator("zh-CN")))
         run = run_notebook(learner, executed, {"SPEC": "smoke"})
     errors = [o for c in _cells(run.output) for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

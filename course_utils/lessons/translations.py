@@ -1,0 +1,234 @@
+"""Translation files: the prose of every notebook in another language, keyed by cell id, checked against the source.
+
+One YAML file per notebook and language, ``notebooks/translations/<language>/NN_name.yaml``, holds an entry for
+each Markdown cell of ``notebooks/NN_name.ipynb``: the translated text and the sha256 of the English text it
+translates. When an English cell changes, its hash no longer matches and the entry is **stale**; a Markdown cell
+without an entry is **untranslated**; an entry whose cell is gone is an **orphan**. A translation that loses what
+must not be translated (inline code, formulas, link targets, figures, headings, table rows) is **mangled**.
+``translation_issues`` lists them all (``python -m course_utils translations`` prints them, with the English text
+to translate and the hash to record) and a test fails on any.
+
+``translator`` turns the files into the ``Translate`` function the editions take: a cell with a current entry gets
+its translation, any other keeps its English text (``make editions`` says how many did), so a change to the
+English never breaks the build, only shows up.
+
+Only Markdown is translated: code cells, their comments and what they print stay as in the source, so a
+translated edition runs exactly the code CI runs. Terms follow ``docs/glossary.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import nbformat
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from course_utils.core.atomic import write_text_atomic
+from course_utils.core.errors import CourseError
+from course_utils.core.notebooks import NOTEBOOKS_DIR, course_notebooks
+from course_utils.lessons.editions import SOURCE_LANGUAGE, EditionFile, build_editions
+
+TRANSLATIONS_DIR = NOTEBOOKS_DIR / "translations"
+HEADER = ("# The {language} prose of notebooks/{notebook}.ipynb, one entry per Markdown cell, by cell id.\n"
+          "# `source_sha256` is the sha256 of the English text the entry translates: when the English cell changes,\n"
+          "# the entry is stale (python -m course_utils translations lists it, with the new text and hash).\n"
+          "# Terms: docs/glossary.md. Keep inline code, formulas, links, figures and headings as they are.\n")
+IssueKind = Literal["untranslated", "stale", "orphan", "mangled"]
+
+
+class TranslationError(CourseError, ValueError):
+    """A translation file that cannot be read; the message names the file and what to fix."""
+
+
+class TranslatedCell(BaseModel):
+    """One Markdown cell's translation and the hash of the English text it was made from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    text: str = Field(min_length=1)
+
+
+class TranslationFile(BaseModel):
+    """A notebook's translation file: its language, its notebook and an entry per Markdown cell id."""
+
+    model_config = ConfigDict(extra="forbid")
+    language: str
+    notebook: str
+    cells: dict[str, TranslatedCell]
+
+
+@dataclass(frozen=True)
+class TranslationIssue:
+    """A cell whose translation is missing, out of date, left over or mangled, with the English to work from."""
+
+    notebook: str
+    cell_id: str
+    kind: IssueKind
+    detail: str
+    english: str
+    english_sha256: str
+
+
+def text_sha256(text: str) -> str:
+    """The hash an entry records of the English text it translates."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def translation_path(language: str, notebook: str, folder: Path = TRANSLATIONS_DIR) -> Path:
+    """Where the ``language`` prose of ``notebook`` (a stem, ``NN_name``) lives."""
+    return Path(folder) / language / f"{notebook}.yaml"
+
+
+def translated_languages(folder: Path = TRANSLATIONS_DIR) -> list[str]:
+    """The languages that have a folder of translation files."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_dir()) if Path(folder).is_dir() else []
+
+
+def read_translation(path: Path) -> TranslationFile:
+    """One translation file, validated; a broken one raises a ``TranslationError`` naming the file."""
+    try:
+        return TranslationFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except yaml.YAMLError as error:
+        raise TranslationError(f"{path}: not valid YAML ({str(error).splitlines()[0]}); fix the file.") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise TranslationError(f"{path}: {where}: {first['msg']} (see the comment at the top of the file).") from None
+
+
+class _BlockStrings(yaml.SafeDumper):
+    """Writes multi-line text as ``|`` blocks, which a translator reads and edits like the Markdown it is."""
+
+
+def _represent_text(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_BlockStrings.add_representer(str, _represent_text)
+
+
+def write_translation(path: Path, translation: TranslationFile) -> None:
+    """Write ``translation`` (atomically) with the header that tells a translator how the file works."""
+    body = yaml.dump(translation.model_dump(), Dumper=_BlockStrings, allow_unicode=True, sort_keys=False, width=10**6)
+    write_text_atomic(path, HEADER.format(language=translation.language, notebook=translation.notebook) + body)
+
+
+def load_translations(language: str, folder: Path = TRANSLATIONS_DIR) -> dict[str, TranslationFile]:
+    """Every translation file of ``language``, by notebook stem."""
+    files = {}
+    for path in sorted((Path(folder) / language).glob("*.yaml")):
+        translation = read_translation(path)
+        if (translation.language, translation.notebook) != (language, path.stem):
+            raise TranslationError(f"{path}: says language {translation.language!r}, notebook "
+                                   f"{translation.notebook!r}; it must say {language!r}, {path.stem!r}.")
+        files[path.stem] = translation
+    return files
+
+
+# What a translation keeps verbatim: inline code, formulas, link and image targets, numbers with a digit.
+_KEPT = {
+    "inline code": re.compile(r"`[^`\n]+`"),
+    "formulas": re.compile(r"\$[^$\n]+\$"),
+    "link targets": re.compile(r"\]\(([^)\s]+)\)"),
+    "figures": re.compile(r"(?<![A-Za-z0-9_.])\d+(?:[.,]\d+)*"),
+}
+_HEADING = re.compile(r"^(#{1,6}) ", re.MULTILINE)
+_TABLE_ROW = re.compile(r"^\s*\|", re.MULTILINE)
+
+
+def structure_differences(english: str, translation: str) -> list[str]:
+    """What ``translation`` lost or added of what must stay as in ``english`` (empty when nothing)."""
+    found = []
+    for name, pattern in _KEPT.items():
+        source, target = Counter(pattern.findall(english)), Counter(pattern.findall(translation))
+        if name == "figures":  # a figure written twice in one language and once in the other is still kept
+            source, target = Counter(set(source)), Counter(set(target))
+        if source != target:
+            lost, added = sorted((source - target).elements()), sorted((target - source).elements())
+            found.append(f"{name}: " + "; ".join(part for part in (
+                f"missing {', '.join(lost)}" if lost else "", f"not in the English {', '.join(added)}" if added else "")
+                if part))
+    if _HEADING.findall(english) != _HEADING.findall(translation):
+        found.append(f"headings: {_HEADING.findall(english)} in the English, {_HEADING.findall(translation)} here")
+    if len(_TABLE_ROW.findall(english)) != len(_TABLE_ROW.findall(translation)):
+        found.append("table rows: not as many as in the English")
+    return found
+
+
+def _markdown_cells(notebook: Path) -> dict[str, str]:
+    return {cell.id: cell.source for cell in nbformat.read(notebook, as_version=4).cells
+            if cell.cell_type == "markdown"}
+
+
+def translation_issues(language: str, source_dir: Path = NOTEBOOKS_DIR,
+                       folder: Path = TRANSLATIONS_DIR) -> list[TranslationIssue]:
+    """Every untranslated, stale, orphaned or mangled cell of ``language``, in course and cell order."""
+    files = load_translations(language, folder)
+    issues = []
+    for notebook in course_notebooks(source_dir):
+        cells = files.get(notebook.stem, TranslationFile(language=language, notebook=notebook.stem, cells={})).cells
+        for cell_id, english in _markdown_cells(notebook).items():
+            digest, entry = text_sha256(english), cells.get(cell_id)
+            if entry is None:
+                issues.append(TranslationIssue(notebook.stem, cell_id, "untranslated", "no entry", english, digest))
+            elif entry.source_sha256 != digest:
+                issues.append(TranslationIssue(notebook.stem, cell_id, "stale", "the English changed since",
+                                               english, digest))
+            else:
+                issues += [TranslationIssue(notebook.stem, cell_id, "mangled", difference, english, digest)
+                           for difference in structure_differences(english, entry.text)]
+        issues += [TranslationIssue(notebook.stem, cell_id, "orphan", "no such Markdown cell in the notebook", "", "")
+                   for cell_id in cells.keys() - _markdown_cells(notebook).keys()]
+    return issues
+
+
+@dataclass
+class Translator:
+    """The ``Translate`` of a language's files: current entries translate, other cells stay English (noted)."""
+
+    cells: Mapping[str, Mapping[str, TranslatedCell]]
+    kept_english: set[tuple[str, str]] = field(default_factory=set)
+
+    def __call__(self, notebook: str, cell_id: str, text: str) -> str:
+        entry = self.cells.get(notebook, {}).get(cell_id)
+        if entry is None or entry.source_sha256 != text_sha256(text):
+            self.kept_english.add((notebook, cell_id))
+            return text
+        return entry.text
+
+
+def translator(language: str, folder: Path = TRANSLATIONS_DIR) -> Translator:
+    """The ``Translate`` function ``build_editions`` takes for ``language``, read from its translation files."""
+    files = load_translations(language, folder)
+    if not files:
+        raise TranslationError(f"no translation files for {language!r} in {Path(folder) / language}; the languages "
+                               f"there: {', '.join(translated_languages(folder)) or 'none'}.")
+    return Translator({stem: translation.cells for stem, translation in files.items()})
+
+
+def describe_issues(issues: Iterable[TranslationIssue], show_english: bool = False) -> list[str]:
+    """Lines for a person to act on: one per issue, with the English text and its hash when ``show_english``."""
+    lines = []
+    for issue in issues:
+        lines.append(f"{issue.notebook} {issue.cell_id}: {issue.kind} ({issue.detail})")
+        if show_english and issue.english:
+            lines += [f"  source_sha256: {issue.english_sha256}",
+                      *(f"  | {line}" for line in issue.english.splitlines())]
+    return lines
+
+
+
+def build_language_editions(out_dir: Path, language: str, source_dir: Path = NOTEBOOKS_DIR,
+                            folder: Path = TRANSLATIONS_DIR) -> tuple[list[EditionFile], set[tuple[str, str]]]:
+    """Every edition in ``language`` (the source's, or one with translation files), and the cells kept in English."""
+    if language == SOURCE_LANGUAGE:
+        return build_editions(out_dir, source_dir), set()
+    translate = translator(language, folder)
+    return build_editions(out_dir, source_dir, language, translate), translate.kept_english
