@@ -10,7 +10,7 @@ SPEC ?= default
 # A portable llama.cpp build (no -march=native), so a pip-cached wheel runs on any x86_64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: venv course test lab doctor clean-workspace typecheck lint-imports app prepare-demo py38 py310 jetson editions
+.PHONY: venv course test lab lab-zh doctor clean-workspace typecheck lint-imports app prepare-demo py38 py310 jetson editions
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ test: venv py38 py310 typecheck lint-imports
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks
+
+# The Chinese learner edition in JupyterLab (make editions writes it first).
+lab-zh: editions
+	$(VENV)/bin/jupyter lab workspace/editions/zh-CN/learner
 
 # The Narrative Canvas app as a standalone page on http://127.0.0.1:8866 (HOST=0.0.0.0 to share it on a LAN).
 HOST ?= 127.0.0.1

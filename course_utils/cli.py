@@ -112,7 +112,8 @@ def cmd_translations(args: argparse.Namespace) -> int:
         issues = translation_issues(language)
         for line in describe_issues(issues, show_english=args.english):
             print(f"{language} {line}")
-        print(f"{language}: {len(issues)} cell(s) to translate or fix (--english shows their text and hash)" if issues
+        cells = len({(issue.notebook, issue.cell_id) for issue in issues})
+        print(f"{language}: {cells} cell(s) to translate or fix (--english shows their text and hash)" if issues
               else f"{language}: every Markdown cell of every notebook is translated, current and intact")
         to_fix += len(issues)
     return 1 if to_fix else 0

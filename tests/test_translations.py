@@ -19,6 +19,7 @@ from course_utils.lessons.translations import (
     TranslationFile,
     build_language_editions,
     describe_issues,
+    emphasis_problems,
     load_translations,
     structure_differences,
     text_sha256,
@@ -127,6 +128,20 @@ def test_a_translation_that_loses_code_links_figures_or_headings_is_mangled(tran
     english = "Run `make course`, see [the docs](docs/x.md); it takes 15 min."
     differences = structure_differences(english, translation)
     assert differences == [] if lost is None else any(d.startswith(lost) for d in differences), differences
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("- **前置内容：** 第 04 号 notebook", None),
+    ("- **前置内容：**第 04 号 notebook", "** closes in '：**第'"),
+    ("模型的**（ASR）**把语音", "** opens in '的**（'"),
+    ("*字*错误率（CER）", None),
+    ("所以 *字（character）*错误率", "* closes in '）*错'"),
+    ("**fake\nquantizers**: in the forward pass", None),
+    ("* a bullet, not an italic\n* and `a * b` is code", None),
+])
+def test_bold_and_italic_that_would_not_render_are_found(text: str, problem: str | None) -> None:
+    problems = emphasis_problems(text)
+    assert problems == [] if problem is None else any(problem in found for found in problems), problems
 
 
 @pytest.mark.parametrize(("content", "message"), [

@@ -4,7 +4,8 @@ One YAML file per notebook and language, ``notebooks/translations/<language>/NN_
 each Markdown cell of ``notebooks/NN_name.ipynb``: the translated text and the sha256 of the English text it
 translates. When an English cell changes, its hash no longer matches and the entry is **stale**; a Markdown cell
 without an entry is **untranslated**; an entry whose cell is gone is an **orphan**. A translation that loses what
-must not be translated (inline code, formulas, link targets, figures, headings, table rows) is **mangled**.
+must not be translated (inline code, formulas, link targets, figures, headings, table rows), or whose bold and
+italic markers will not render, is **mangled**.
 ``translation_issues`` lists them all (``python -m course_utils translations`` prints them, with the English text
 to translate and the hash to record) and a test fails on any.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -162,6 +164,36 @@ def structure_differences(english: str, translation: str) -> list[str]:
     return found
 
 
+def _character_kind(text: str, index: int) -> str:
+    if index < 0 or index >= len(text) or text[index].isspace():
+        return "space"
+    return "punctuation" if unicodedata.category(text[index])[0] in "PS" else "word"
+
+
+def emphasis_problems(text: str) -> list[str]:
+    """Bold or italic markers that CommonMark will not honour, e.g. ``**前置内容：**第`` (shown as literal stars).
+
+    A closing ``**`` right after punctuation must be followed by a space or punctuation, and an opening one right
+    before punctuation must follow one: Chinese, with its full-width punctuation and no spaces, breaks the rule
+    where English never does. Markers pair up in order within a paragraph (inline code and formulas left out).
+    """
+    found = []
+    for paragraph in re.sub(r"`[^`\n]+`|\$[^$\n]+\$", "x", text).split("\n\n"):
+        for marker in ("**", "*"):
+            runs = [m.start() for m in re.finditer(rf"(?<!\*){re.escape(marker)}(?!\*)", paragraph)
+                    if not (marker == "*" and re.match(r"[ \t]*\* ", paragraph[paragraph.rfind("\n", 0, m.start()) + 1:]))]
+            for order, start in enumerate(runs):
+                before = _character_kind(paragraph, start - 1)
+                after = _character_kind(paragraph, start + len(marker))
+                opens, closes = order % 2 == 0, order % 2 == 1
+                if (opens and (before, after) == ("word", "punctuation")) or (
+                        closes and (before, after) == ("punctuation", "word")):
+                    where = paragraph[max(start - 1, 0):start + len(marker) + 1]
+                    found.append(f"emphasis: {marker} {'opens' if opens else 'closes'} in {where!r}, which does not "
+                                 "render; put a space beside it or move the punctuation outside the markers")
+    return found
+
+
 def _markdown_cells(notebook: Path) -> dict[str, str]:
     return {cell.id: cell.source for cell in nbformat.read(notebook, as_version=4).cells
             if cell.cell_type == "markdown"}
@@ -183,7 +215,8 @@ def translation_issues(language: str, source_dir: Path = NOTEBOOKS_DIR,
                                                english, digest))
             else:
                 issues += [TranslationIssue(notebook.stem, cell_id, "mangled", difference, english, digest)
-                           for difference in structure_differences(english, entry.text)]
+                           for difference in structure_differences(english, entry.text)
+                           + emphasis_problems(entry.text)]
         issues += [TranslationIssue(notebook.stem, cell_id, "orphan", "no such Markdown cell in the notebook", "", "")
                    for cell_id in cells.keys() - _markdown_cells(notebook).keys()]
     return issues
