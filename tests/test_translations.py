@@ -115,6 +115,8 @@ def test_a_changed_english_cell_turns_stale_and_keeps_its_english_until_translat
     del notebook.cells[0]
     nbformat.write(notebook, sources / "00_first.ipynb")
     assert "orphan" in {i.kind for i in translation_issues("xx", sources, folder)}
+    (sources / "00_first.ipynb").rename(sources / "00_renamed.ipynb")
+    assert ("00_first", "orphan") in {(i.notebook, i.kind) for i in translation_issues("xx", sources, folder)}
 
 
 @pytest.mark.parametrize(("translation", "lost"), [

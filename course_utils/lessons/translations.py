@@ -203,10 +203,12 @@ def translation_issues(language: str, source_dir: Path = NOTEBOOKS_DIR,
                        folder: Path = TRANSLATIONS_DIR) -> list[TranslationIssue]:
     """Every untranslated, stale, orphaned or mangled cell of ``language``, in course and cell order."""
     files = load_translations(language, folder)
+    notebooks = course_notebooks(source_dir)
     issues = []
-    for notebook in course_notebooks(source_dir):
+    for notebook in notebooks:
         cells = files.get(notebook.stem, TranslationFile(language=language, notebook=notebook.stem, cells={})).cells
-        for cell_id, english in _markdown_cells(notebook).items():
+        markdown = _markdown_cells(notebook)
+        for cell_id, english in markdown.items():
             digest, entry = text_sha256(english), cells.get(cell_id)
             if entry is None:
                 issues.append(TranslationIssue(notebook.stem, cell_id, "untranslated", "no entry", english, digest))
@@ -218,7 +220,9 @@ def translation_issues(language: str, source_dir: Path = NOTEBOOKS_DIR,
                            for difference in structure_differences(english, entry.text)
                            + emphasis_problems(entry.text)]
         issues += [TranslationIssue(notebook.stem, cell_id, "orphan", "no such Markdown cell in the notebook", "", "")
-                   for cell_id in cells.keys() - _markdown_cells(notebook).keys()]
+                   for cell_id in sorted(cells.keys() - markdown.keys())]
+    issues += [TranslationIssue(stem, "-", "orphan", f"no notebook {stem}.ipynb: remove or rename the file", "", "")
+               for stem in sorted(files.keys() - {notebook.stem for notebook in notebooks})]
     return issues
 
 
