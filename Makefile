@@ -37,9 +37,9 @@ test: venv py38 py310 typecheck lint-imports
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks
 
-# The Chinese learner edition in JupyterLab (make editions writes it first).
+# The Chinese learner edition in JupyterLab (make editions writes it first, into the workspace).
 lab-zh: editions
-	$(VENV)/bin/jupyter lab workspace/editions/zh-CN/learner
+	$(VENV)/bin/jupyter lab $${COURSE_WORKSPACE:-workspace}/editions/zh-CN/learner
 
 # The Narrative Canvas app as a standalone page on http://127.0.0.1:8866 (HOST=0.0.0.0 to share it on a LAN).
 HOST ?= 127.0.0.1

@@ -113,7 +113,8 @@ def cmd_translations(args: argparse.Namespace) -> int:
         for line in describe_issues(issues, show_english=args.english):
             print(f"{language} {line}")
         cells = len({(issue.notebook, issue.cell_id) for issue in issues})
-        print(f"{language}: {cells} cell(s) to translate or fix (--english shows their text and hash)" if issues
+        hint = "" if args.english else " (--english shows their text and hash)"
+        print(f"{language}: {cells} cell(s) to translate or fix{hint}" if issues
               else f"{language}: every Markdown cell of every notebook is translated, current and intact")
         to_fix += len(issues)
     return 1 if to_fix else 0

@@ -9,10 +9,10 @@ the check (``exercises.check_...(..., answer, strict=SHOW_SOLUTIONS)``). ``build
 - the **instructor** edition: the source with ``SHOW_SOLUTIONS = True``, so the solutions run and every check
   is strict (a wrong solution raises). CI runs the source with ``SHOW_SOLUTIONS=True``: that run is this edition.
 
-to ``<out>/<language>/<edition>/NN_name.ipynb`` (``make editions``: ``workspace/editions/en/...``, generated,
-git-ignored). Cell ids are kept in every edition, so a translated edition is one more ``language`` with a
-``translate`` function that rewrites each Markdown cell's prose by notebook and cell id (e.g. read from a
-translation file); nothing else changes.
+to ``<out>/<language>/<edition>/NN_name.ipynb`` (``make editions``: ``workspace/editions/{en,zh-CN}/...``,
+generated, git-ignored). Cell ids are kept in every edition, so a translated edition is one more ``language`` with
+a ``translate`` function that rewrites each Markdown cell's prose by notebook and cell id; nothing else changes
+(``course_utils.lessons.translations`` reads it from the translation files).
 
 The editions are built with nbformat rather than jupytext: an edition is a change of cells, tags and metadata
 of the ``.ipynb`` itself, which nbformat reads, validates and writes as they are (ids and tags included).

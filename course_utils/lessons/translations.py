@@ -4,8 +4,8 @@ One YAML file per notebook and language, ``notebooks/translations/<language>/NN_
 each Markdown cell of ``notebooks/NN_name.ipynb``: the translated text and the sha256 of the English text it
 translates. When an English cell changes, its hash no longer matches and the entry is **stale**; a Markdown cell
 without an entry is **untranslated**; an entry whose cell is gone is an **orphan**. A translation that loses what
-must not be translated (inline code, formulas, link targets, figures, headings, table rows), or whose bold and
-italic markers will not render, is **mangled**.
+must not be translated (fenced and inline code, formulas, inline links' targets, numbers written with digits,
+headings, table rows), or whose ``*`` bold and italic markers will not render, is **mangled**.
 ``translation_issues`` lists them all (``python -m course_utils translations`` prints them, with the English text
 to translate and the hash to record) and a test fails on any.
 
@@ -41,7 +41,7 @@ TRANSLATIONS_DIR = NOTEBOOKS_DIR / "translations"
 HEADER = ("# The {language} prose of notebooks/{notebook}.ipynb, one entry per Markdown cell, by cell id.\n"
           "# `source_sha256` is the sha256 of the English text the entry translates: when the English cell changes,\n"
           "# the entry is stale (python -m course_utils translations lists it, with the new text and hash).\n"
-          "# Terms: docs/glossary.md. Keep inline code, formulas, links, figures and headings as they are.\n")
+          "# Terms: docs/glossary.md. Keep code, formulas, link targets, numbers and headings as they are.\n")
 IssueKind = Literal["untranslated", "stale", "orphan", "mangled"]
 
 
@@ -89,19 +89,43 @@ def translation_path(language: str, notebook: str, folder: Path = TRANSLATIONS_D
 
 
 def translated_languages(folder: Path = TRANSLATIONS_DIR) -> list[str]:
-    """The languages that have a folder of translation files."""
-    return sorted(p.name for p in Path(folder).iterdir() if p.is_dir()) if Path(folder).is_dir() else []
+    """The languages that have translation files: the folders of ``folder`` that hold a ``*.yaml`` (not hidden)."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and any(p.glob("*.yaml"))) if folder.is_dir() else []
+
+
+class _TranslationLoader(yaml.SafeLoader):
+    """Reads keys as the text they are (cell id 01234567 is no octal number) and refuses a key given twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
+        mapping: dict = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else self.construct_object(key_node, deep)
+            if key in mapping:
+                raise yaml.MarkedYAMLError(problem=f"{key!r} is given twice", problem_mark=key_node.start_mark)
+            mapping[key] = self.construct_object(value_node, deep)
+        return mapping
 
 
 def read_translation(path: Path) -> TranslationFile:
-    """One translation file, validated; a broken one raises a ``TranslationError`` naming the file."""
+    """One translation file, validated; a broken one raises a ``TranslationError`` naming the file and the fix."""
     try:
-        return TranslationFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_TranslationLoader)
+    except UnicodeDecodeError:
+        raise TranslationError(f"{path}: not UTF-8 text; save it as UTF-8.") from None
     except yaml.YAMLError as error:
-        raise TranslationError(f"{path}: not valid YAML ({str(error).splitlines()[0]}); fix the file.") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise TranslationError(f"{path}: not valid YAML ({where}{problem}); fix the file.") from None
+    if data is None:
+        raise TranslationError(f"{path}: the file is empty; give it language, notebook and cells, or delete it.")
+    try:
+        return TranslationFile.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
+        where = ".".join(str(part) for part in first["loc"]) or "the file"
         raise TranslationError(f"{path}: {where}: {first['msg']} (see the comment at the top of the file).") from None
 
 
@@ -134,12 +158,14 @@ def load_translations(language: str, folder: Path = TRANSLATIONS_DIR) -> dict[st
     return files
 
 
-# What a translation keeps verbatim: inline code, formulas, link and image targets, numbers with a digit.
+# What a translation keeps verbatim: fenced code, inline code, formulas, inline link and image targets, numbers.
+_FENCED = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 _KEPT = {
+    "fenced code": _FENCED,
     "inline code": re.compile(r"`[^`\n]+`"),
     "formulas": re.compile(r"\$[^$\n]+\$"),
     "link targets": re.compile(r"\]\(([^)\s]+)\)"),
-    "figures": re.compile(r"(?<![A-Za-z0-9_.])\d+(?:[.,]\d+)*"),
+    "numbers": re.compile(r"(?<![A-Za-z0-9_.])\d+(?:[.,]\d+)*"),
 }
 _HEADING = re.compile(r"^(#{1,6}) ", re.MULTILINE)
 _TABLE_ROW = re.compile(r"^\s*\|", re.MULTILINE)
@@ -150,13 +176,14 @@ def structure_differences(english: str, translation: str) -> list[str]:
     found = []
     for name, pattern in _KEPT.items():
         source, target = Counter(pattern.findall(english)), Counter(pattern.findall(translation))
-        if name == "figures":  # a figure written twice in one language and once in the other is still kept
+        if name == "numbers":  # a number written twice in one language and once in the other is still kept
             source, target = Counter(set(source)), Counter(set(target))
         if source != target:
             lost, added = sorted((source - target).elements()), sorted((target - source).elements())
             found.append(f"{name}: " + "; ".join(part for part in (
                 f"missing {', '.join(lost)}" if lost else "", f"not in the English {', '.join(added)}" if added else "")
                 if part))
+    english, translation = _FENCED.sub("", english), _FENCED.sub("", translation)  # a `# comment` is no heading
     if _HEADING.findall(english) != _HEADING.findall(translation):
         found.append(f"headings: {_HEADING.findall(english)} in the English, {_HEADING.findall(translation)} here")
     if len(_TABLE_ROW.findall(english)) != len(_TABLE_ROW.findall(translation)):
@@ -170,6 +197,11 @@ def _character_kind(text: str, index: int) -> str:
     return "punctuation" if unicodedata.category(text[index])[0] in "PS" else "word"
 
 
+def _is_bullet(paragraph: str, index: int) -> bool:
+    line_start = paragraph.rfind("\n", 0, index) + 1
+    return not paragraph[line_start:index].strip() and paragraph[index + 1:index + 2] == " "
+
+
 def emphasis_problems(text: str) -> list[str]:
     """Bold or italic markers that CommonMark will not honour, e.g. ``**前置内容：**第`` (shown as literal stars).
 
@@ -178,10 +210,10 @@ def emphasis_problems(text: str) -> list[str]:
     where English never does. Markers pair up in order within a paragraph (inline code and formulas left out).
     """
     found = []
-    for paragraph in re.sub(r"`[^`\n]+`|\$[^$\n]+\$", "x", text).split("\n\n"):
+    for paragraph in re.sub(r"`[^`\n]+`|\$[^$\n]+\$", "x", _FENCED.sub("", text)).split("\n\n"):
         for marker in ("**", "*"):
             runs = [m.start() for m in re.finditer(rf"(?<!\*){re.escape(marker)}(?!\*)", paragraph)
-                    if not (marker == "*" and re.match(r"[ \t]*\* ", paragraph[paragraph.rfind("\n", 0, m.start()) + 1:]))]
+                    if not (marker == "*" and _is_bullet(paragraph, m.start()))]
             for order, start in enumerate(runs):
                 before = _character_kind(paragraph, start - 1)
                 after = _character_kind(paragraph, start + len(marker))
@@ -195,14 +227,28 @@ def emphasis_problems(text: str) -> list[str]:
 
 
 def _markdown_cells(notebook: Path) -> dict[str, str]:
-    return {cell.id: cell.source for cell in nbformat.read(notebook, as_version=4).cells
-            if cell.cell_type == "markdown"}
+    """The Markdown cells with prose to translate (an empty one has none), by id."""
+    cells = nbformat.read(notebook, as_version=4).cells
+    for position, cell in enumerate(cells, start=1):
+        if not cell.get("id"):
+            raise TranslationError(f"{notebook.name}: cell {position} has no id, which translations are keyed by; "
+                                   "save the notebook as nbformat 4.5 or later (JupyterLab does) to give it ids.")
+    return {cell.id: cell.source for cell in cells if cell.cell_type == "markdown" and cell.source.strip()}
+
+
+def _language_files(language: str, folder: Path) -> dict[str, TranslationFile]:
+    files = load_translations(language, folder)
+    if not files:
+        raise TranslationError(f"no translation files for {language!r} in {Path(folder) / language}; the languages "
+                               f"there: {', '.join(translated_languages(folder)) or 'none'} (the source is "
+                               f"{SOURCE_LANGUAGE!r}).")
+    return files
 
 
 def translation_issues(language: str, source_dir: Path = NOTEBOOKS_DIR,
                        folder: Path = TRANSLATIONS_DIR) -> list[TranslationIssue]:
     """Every untranslated, stale, orphaned or mangled cell of ``language``, in course and cell order."""
-    files = load_translations(language, folder)
+    files = _language_files(language, folder)
     notebooks = course_notebooks(source_dir)
     issues = []
     for notebook in notebooks:
@@ -234,6 +280,9 @@ class Translator:
     kept_english: set[tuple[str, str]] = field(default_factory=set)
 
     def __call__(self, notebook: str, cell_id: str, text: str) -> str:
+        """The translation of this cell when it has a current one, else ``text`` (and the cell is noted)."""
+        if not text.strip():
+            return text
         entry = self.cells.get(notebook, {}).get(cell_id)
         if entry is None or entry.source_sha256 != text_sha256(text):
             self.kept_english.add((notebook, cell_id))
@@ -243,10 +292,7 @@ class Translator:
 
 def translator(language: str, folder: Path = TRANSLATIONS_DIR) -> Translator:
     """The ``Translate`` function ``build_editions`` takes for ``language``, read from its translation files."""
-    files = load_translations(language, folder)
-    if not files:
-        raise TranslationError(f"no translation files for {language!r} in {Path(folder) / language}; the languages "
-                               f"there: {', '.join(translated_languages(folder)) or 'none'}.")
+    files = _language_files(language, folder)
     return Translator({stem: translation.cells for stem, translation in files.items()})
 
 
@@ -259,7 +305,6 @@ def describe_issues(issues: Iterable[TranslationIssue], show_english: bool = Fal
             lines += [f"  source_sha256: {issue.english_sha256}",
                       *(f"  | {line}" for line in issue.english.splitlines())]
     return lines
-
 
 
 def build_language_editions(out_dir: Path, language: str, source_dir: Path = NOTEBOOKS_DIR,
