@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from course_utils.core.atomic import atomic_directory, atomic_path, write_json_atomic, write_text_atomic
 from course_utils.core.config import CourseConfig
-from course_utils.core.errors import CourseError
+from course_utils.core.errors import CourseError, first_validation_problem
 
 if TYPE_CHECKING:
     from course_utils.core.artifacts import DeviceRunRecord
@@ -609,9 +609,8 @@ def read_results(path: Path) -> DeviceResults:
     try:
         return DeviceResults.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise KitError(f"{path} is not a deploy-kit results file: {where}: {first['msg']}.") from None
+        problem = first_validation_problem(error, top="(top level)")
+        raise KitError(f"{path} is not a deploy-kit results file: {problem}.") from None
 
 
 def import_results(config: CourseConfig, path: Path) -> DeviceRunRecord:

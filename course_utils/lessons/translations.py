@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from course_utils.core.atomic import write_text_atomic
-from course_utils.core.errors import CourseError
+from course_utils.core.errors import CourseError, first_validation_problem
 from course_utils.core.notebooks import NOTEBOOKS_DIR, course_notebooks
 from course_utils.lessons.editions import SOURCE_LANGUAGE, EditionFile, build_editions
 
@@ -124,9 +124,8 @@ def read_translation(path: Path) -> TranslationFile:
     try:
         return TranslationFile.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "the file"
-        raise TranslationError(f"{path}: {where}: {first['msg']} (see the comment at the top of the file).") from None
+        problem = first_validation_problem(error, top="the file")
+        raise TranslationError(f"{path}: {problem} (see the comment at the top of the file).") from None
 
 
 class _BlockStrings(yaml.SafeDumper):
