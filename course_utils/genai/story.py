@@ -502,15 +502,21 @@ class StoryTeller:
     def _complete(self, messages: list[dict[str, str]], kept: list[str], dropped: list[str],
                   options: StoryOptions, started: float, opening: str = "") -> StoryResult:
         params = self._story_params(options)
+        if self.rails.guarded and (verdict := self.check_input(messages)).blocked:
+            # Checked here, as the stream does: with a prefilled opening the messages end on the assistant's
+            # turn, and NeMo's generate_async then runs no input rails at all.
+            timings = {"input_rails_s": time.perf_counter() - started, "total_s": time.perf_counter() - started}
+            return self._blocked(kept, dropped, options, verdict, self._refusal(), timings)
         if opening:
             messages = [*messages, {"role": "assistant", "content": opening}]
         story_started = time.perf_counter()
         if self.rails.guarded:
             app = self.app
             app.llm.last_error = None
+            rails = ["dialog", "output"] if self.rails.output else ["dialog"]  # the input rails ran above
             try:
-                response = rails_loop().run(app.generate_async(
-                    messages=messages, options={"log": {"activated_rails": True}, "llm_params": params}))
+                response = rails_loop().run(app.generate_async(messages=messages, options={
+                    "rails": rails, "log": {"activated_rails": True}, "llm_params": params}))
             except Exception as error:  # noqa: BLE001 (NeMo wraps endpoint errors in its own types)
                 raise endpoint_cause(error, app) from None
             text = response.response[-1]["content"]
