@@ -513,10 +513,9 @@ class StoryTeller:
         if self.rails.guarded:
             app = self.app
             app.llm.last_error = None
-            rails = ["dialog", "output"] if self.rails.output else ["dialog"]  # the input rails ran above
             try:
                 response = rails_loop().run(app.generate_async(messages=messages, options={
-                    "rails": rails, "log": {"activated_rails": True}, "llm_params": params}))
+                    "rails": self._generation_rails(), "log": {"activated_rails": True}, "llm_params": params}))
             except Exception as error:  # noqa: BLE001 (NeMo wraps endpoint errors in its own types)
                 raise endpoint_cause(error, app) from None
             text = response.response[-1]["content"]
@@ -659,11 +658,14 @@ class StoryTeller:
                     if chunk.choices and chunk.choices[0].delta.content:
                         yield chunk.choices[0].delta.content
             return
-        rails = ["dialog", "output"] if self.rails.output else ["dialog"]
-        loop, app = rails_loop(), self.app
+        loop, app, rails = rails_loop(), self.app, self._generation_rails()
         app.llm.last_error = None
         chunks = loop.call(lambda: app.stream_async(messages=messages, options={"rails": rails, "llm_params": params}))
         yield from loop.iterate(chunks)
+
+    def _generation_rails(self) -> list[str]:
+        """The rails NeMo runs while the model writes: the input rails ran before (``check_input``)."""
+        return ["dialog", "output"] if self.rails.output else ["dialog"]
 
     def _chunk_verdict(self, chunk: str, first: bool) -> Verdict | None:
         if not self.rails.guarded:
