@@ -179,9 +179,8 @@ def structure_differences(english: str, translation: str) -> list[str]:
             source, target = Counter(set(source)), Counter(set(target))
         if source != target:
             lost, added = sorted((source - target).elements()), sorted((target - source).elements())
-            found.append(f"{name}: " + "; ".join(part for part in (
-                f"missing {', '.join(lost)}" if lost else "", f"not in the English {', '.join(added)}" if added else "")
-                if part))
+            parts = [f"missing {', '.join(lost)}"] * bool(lost) + [f"not in the English {', '.join(added)}"] * bool(added)
+            found.append(f"{name}: {'; '.join(parts)}")
     english, translation = _FENCED.sub("", english), _FENCED.sub("", translation)  # a `# comment` is no heading
     if _HEADING.findall(english) != _HEADING.findall(translation):
         found.append(f"headings: {_HEADING.findall(english)} in the English, {_HEADING.findall(translation)} here")
@@ -206,7 +205,7 @@ def emphasis_problems(text: str) -> list[str]:
 
     A closing ``**`` right after punctuation must be followed by a space or punctuation, and an opening one right
     before punctuation must follow one: Chinese, with its full-width punctuation and no spaces, breaks the rule
-    where English never does. Markers pair up in order within a paragraph (inline code and formulas left out).
+    where English never does. Markers pair up in order within a paragraph (code and formulas left out).
     """
     found = []
     for paragraph in re.sub(r"`[^`\n]+`|\$[^$\n]+\$", "x", _FENCED.sub("", text)).split("\n\n"):
