@@ -1,17 +1,17 @@
-"""Story rails on held-out prompts: dev (out of fold) vs the frozen test parts per configuration, category and
+"""Story rails on held-out prompts: dev (out of fold) vs the frozen test part per configuration, category and
 language; output rails; labels; rails latency.
 
 Scores every local rail configuration (no LLM needed; ``self_check`` is in benchmarks/story.py) on the
-development part (``data/story/redteam.yaml``, what the rules and the classifier were tuned on) and on the
-frozen test parts: ``redteam_test.yaml`` and ``redteam_test2.yaml`` are *seen* (their scores were read while
-tuning), ``redteam_test3.yaml`` is the unseen one (written by an author who never saw the rules, opened after
-the rails were frozen). For the learned classifier the honest development figure is out of fold (5 folds, the
-classifier never saw the prompt it scores): ``guarded (out of fold)``; ``guarded`` on dev is in-sample and
-means nothing. Then the output rails on labeled story passages, the share of ImageNet's 1000 class names the
-input rails drop when used as labels, and the rails' p50 latency per prompt (NeMo input + dialog rails, this
-machine's cores). With an NVIDIA key in $NVIDIA_API_KEY the ``nemoguard`` configuration runs too.
+development part (``data/story/redteam.yaml``, what the rules and the classifier were tuned on, three retired
+test parts included) and on the frozen test part (``redteam_test4.yaml``, written by an author who never saw
+the rules, opened after the rails were frozen). For the learned classifier the honest development figure is
+out of fold (5 folds, the classifier never saw the prompt it scores): ``guarded (out of fold)``; ``guarded``
+on dev is in-sample and means nothing (benchmarks/rails_select.py holds out whole retired parts instead).
+Then the output rails on labeled story passages, the share of ImageNet's 1000 class names the input rails
+drop when used as labels, and the rails' p50 latency per prompt (NeMo input + dialog rails, this machine's
+cores). With an NVIDIA key in $NVIDIA_API_KEY the ``nemoguard`` configuration runs too.
 
-    .venv/bin/python benchmarks/rails.py [--spec default] [--splits dev test test2 test3] [--no-labels]
+    .venv/bin/python benchmarks/rails.py [--spec default] [--splits dev test] [--no-labels]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
         print()
 
     print("## Output rails on labeled story passages\n")
-    passages = {split: path for split, path in output_parts().items() if split in args.splits}
+    passages = output_parts()
     outputs = [evaluate_output_rails(name, load_passages(path), split=split, safety=safety, cache_dir=cache)
                for name in args.configurations if name != "nemoguard" or safety is not None
                for split, path in passages.items()]

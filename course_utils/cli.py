@@ -279,14 +279,14 @@ def _story_redteam(config: CourseConfig, args: argparse.Namespace) -> int:
     from course_utils.genai.story_rails import (
         evaluate_rails,
         load_redteam,
+        load_redteam_parts,
         rail_configurations,
         redteam_markdown,
-        redteam_parts,
         safety_models,
     )
 
-    sets = [(Path(args.file).name, Path(args.file))] if args.file else list(redteam_parts().items())
-    loaded = [(name, load_redteam(path, sample=config.llm.redteam_sample, seed=config.seed)) for name, path in sets]
+    loaded = ([(Path(args.file).name, load_redteam(Path(args.file), config.llm.redteam_sample, config.seed))]
+              if args.file else list(load_redteam_parts(config).items()))
     teller = storyteller(config, "none")
     names = list(rail_configurations())
     ep = teller.endpoint if "self_check" in names else None

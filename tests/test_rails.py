@@ -10,6 +10,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import SecretStr
 
 from course_utils.core.config import CourseConfig
@@ -19,14 +20,15 @@ from course_utils.genai.normalize import canonical, chinese_script, to_simplifie
 from course_utils.genai.safety_classifier import (
     SafetyClassifier,
     TrainingSet,
+    input_training_set,
     language_group,
+    output_training_set,
     same_prompt_groups,
     train_classifier,
 )
 from course_utils.genai.story import StoryTeller, story_metrics
 from course_utils.genai.story_rails import (
     REDTEAM_FILE,
-    REDTEAM_TEST2_FILE,
     REDTEAM_TEST_FILE,
     STORY_DATA,
     RailConfiguration,
@@ -37,6 +39,7 @@ from course_utils.genai.story_rails import (
     evaluate_rails,
     load_passages,
     load_redteam,
+    load_redteam_parts,
     out_of_fold,
     rails_loop,
     read_redteam,
@@ -73,7 +76,7 @@ def test_frozen_test_parts_are_unchanged() -> None:
     recorded = dict(reversed(line.split()) for sums in sorted(STORY_DATA.glob("redteam_test*.sha256"))
                     for line in sums.read_text().splitlines() if line and not line.startswith("#"))
     frozen = {path.name for path in STORY_DATA.glob("*_test*.yaml")}
-    assert {"redteam_test.yaml", "output_test.yaml", "redteam_test2.yaml"} <= frozen == set(recorded), \
+    assert {"redteam_test4.yaml", "output_test.yaml", "output_test3.yaml"} <= frozen == set(recorded), \
         "every frozen test part needs its hash recorded (redteam_test*.sha256)"
     for name in frozen:
         assert hashlib.sha256((STORY_DATA / name).read_bytes()).hexdigest() == recorded[name], \
@@ -82,7 +85,7 @@ def test_frozen_test_parts_are_unchanged() -> None:
 
 def test_dev_and_test_parts_cover_languages_and_categories_and_share_nothing() -> None:
     dev, test = load_redteam(REDTEAM_FILE), load_redteam(REDTEAM_TEST_FILE)
-    assert len(dev) + len(test) >= 400
+    assert set(redteam_parts()) == {"dev", "test"} and len(test) >= 400
     for part in (dev, test):
         adversarial = [i for i in part if i.adversarial]
         assert 0.4 < len(adversarial) / len(part) < 0.6
@@ -90,11 +93,36 @@ def test_dev_and_test_parts_cover_languages_and_categories_and_share_nothing() -
         for lang in ("en", "zh-Hans", "zh-Hant"):
             assert sum(i.lang == lang and i.adversarial for i in part) >= 20
             assert sum(i.lang == lang and not i.adversarial for i in part) >= 20
-    test2 = load_redteam(REDTEAM_TEST2_FILE)
-    frozen = [i for split, path in redteam_parts().items() if split != "dev" for i in load_redteam(path)]
-    assert not {canonical(i.text) for i in dev} & {canonical(i.text) for i in frozen}
-    assert {"en", "zh-Hans", "zh-Hant"} == {i.lang for i in test2 if i.adversarial} == {i.lang for i in test2 if not i.adversarial}
-    assert {"paraphrase", "obfuscation", "roleplay", "indirect"} <= {t for i in test for t in i.tags}
+    assert not {canonical(i.text) for i in dev} & {canonical(i.text) for i in test}
+    assert {"paraphrase", "obfuscation", "roleplay", "indirect"} <= {t for i in dev for t in i.tags}
+    assert {"obfuscation", "indirect"} <= {t for i in test for t in i.tags}
+
+
+def test_retired_test_parts_train_the_input_rail_only(tmp_path: Path) -> None:
+    dev, passages = tmp_path / "dev.yaml", tmp_path / "passages.yaml"
+    dev.write_text(yaml.safe_dump({
+        "adversarial": [{"category": "violence", "text": "own harm"}, {"category": "injection", "text": "own inject"},
+                        {"category": "weapons", "text": "retired harm", "source": "redteam_test3"}],
+        "benign": [{"text": "own benign"}, {"text": "retired benign", "source": "redteam_test3"}]}))
+    passages.write_text(yaml.safe_dump({"unsafe": [{"category": "violence", "text": "a gory passage"}],
+                                        "safe": [{"text": "a kind passage"}]}))
+    assert input_training_set(dev).texts == ["own harm", "own inject", "retired harm", "own benign", "retired benign"]
+    output = output_training_set(dev, passages)
+    assert output.texts == ["a gory passage", "a kind passage", "own harm", "own benign"]
+    assert output.labels == ["violence", "allow", "violence", "allow"]
+    shipped = yaml.safe_load(REDTEAM_FILE.read_text(encoding="utf-8"))
+    retired = {d["text"] for key in ("adversarial", "benign") for d in shipped[key] if "source" in d}
+    assert retired and retired <= set(input_training_set().texts) and not retired & set(output_training_set().texts)
+
+
+@pytest.mark.parametrize("sample, dev_sample, sizes",
+                         [(None, 10, (10, 440)), (6, 10, (6, 6)), (None, None, (2206, 440))])
+def test_the_spec_samples_the_development_part_apart(config: CourseConfig, sample: int | None,
+                                                     dev_sample: int | None, sizes: tuple[int, int]) -> None:
+    config.llm.redteam_sample, config.llm.redteam_dev_sample = sample, dev_sample
+    parts = load_redteam_parts(config)
+    assert list(parts) == ["dev", "test"] and (len(parts["dev"]), len(parts["test"])) == sizes
+    assert {i.adversarial for i in parts["dev"]} == {True, False}
 
 
 def test_output_passages_are_labeled_in_both_languages() -> None:

@@ -78,6 +78,8 @@ class TrainConfig(_Section):
     gpus: int = Field(default=1, ge=1)
     # Mixed precision on CUDA (float16 autocast + GradScaler): faster, less memory. Ignored on the CPU.
     amp: bool = True
+    # PyTorch CPU threads while training (None: every core). benchmark.threads is for timing, not for this.
+    threads: int | None = Field(default=None, ge=1)
 
 
 class PruneConfig(_Section):
@@ -161,6 +163,7 @@ class LLMConfig(_Section):
     rails: Literal["none", "self_check", "deterministic", "semantic", "guarded", "nemoguard"] = "guarded"
     safety_api_key_env: str = "NVIDIA_API_KEY"  # the key of NVIDIA's safety models (rails: nemoguard)
     redteam_sample: int | None = Field(default=None, ge=2)
+    redteam_dev_sample: int | None = Field(default=None, ge=2)  # the development part only, when smaller
 
 
 class ImageGenConfig(_Section):

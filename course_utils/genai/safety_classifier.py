@@ -102,11 +102,17 @@ def input_training_set(dev_file: Path = DEV_FILE) -> TrainingSet:
 
 
 def output_training_set(dev_file: Path = DEV_FILE, output_file: Path = OUTPUT_DEV_FILE) -> TrainingSet:
-    """Labeled story passages plus the development prompts whose harm also matters in a story."""
-    passages = _yaml(output_file)
-    prompts = input_training_set(dev_file)
+    """Labeled story passages plus the course's own development prompts whose harm also matters in a story.
+
+    The retired test parts in the development file (entries with a ``source``) train the input rail only:
+    trained with them too, the output rail blocked the main job's first story, a harmless fairy tale about
+    two cats and an espresso (as self-harm, 0.59 against a threshold of 0.54).
+    """
+    passages, dev = _yaml(output_file), _yaml(dev_file)
+    own = {key: [d for d in dev[key] if "source" not in d] for key in ("adversarial", "benign")}
     pairs = [(d["text"], d["category"]) for d in passages["unsafe"]] + [(d["text"], ALLOW) for d in passages["safe"]]
-    pairs += [(t, c) for t, c in zip(prompts.texts, prompts.labels) if c not in REQUEST_ONLY]
+    pairs += [(d["text"], d["category"]) for d in own["adversarial"] if d["category"] not in REQUEST_ONLY]
+    pairs += [(d["text"], ALLOW) for d in own["benign"]]
     return TrainingSet([t for t, _ in pairs], [c for _, c in pairs])
 
 

@@ -764,11 +764,10 @@ def story_metrics(stories: list[StoryResult], redteam: list[Any], overhead: Over
                   teller: StoryTeller, output_rails: list[Any] | None = None) -> dict[str, Any]:
     """The ledger's ``story`` entry: red-team rates of the configured rails, story latency and speed, endpoint."""
     written = [s for s in stories if not s.blocked]
-    # The configured rails' headline rates come from the unseen frozen test part (test3) when it was scored, else
-    # from the first frozen part (issue 16); the others are reported beside it in "redteam".
+    # The configured rails' headline rates come from the frozen test part when it was scored (issue 16); the
+    # others are reported beside it in "redteam".
     mine = [r for r in redteam if r.configuration == teller.rails.name and not r.skipped]
-    by_split = {getattr(r, "split", ""): r for r in mine}
-    configured = by_split.get("test3", by_split.get("test", mine[0] if mine else None))
+    configured = next((r for r in mine if getattr(r, "split", "") == "test"), mine[0] if mine else None)
     metrics: dict[str, Any] = {
         "endpoint": teller.endpoint.describe(),
         "rails": teller.rails.name,

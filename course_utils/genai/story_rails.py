@@ -57,15 +57,12 @@ SEMANTIC_FILE = STORY_DATA / "semantic.yaml"
 RAIL_CONFIGS_FILE = STORY_DATA / "rail_configs.yaml"
 NEMOGUARD_FILE = RAILS_DIR / "nemoguard.yml"
 REDTEAM_FILE = STORY_DATA / "redteam.yaml"
-REDTEAM_TEST_FILE = STORY_DATA / "redteam_test.yaml"
-REDTEAM_TEST2_FILE = STORY_DATA / "redteam_test2.yaml"  # written after the first test part was scored once
-# The third frozen part, by an author who never saw the rules, opened only after the rails were frozen: the
-# first two were scored while tuning (their figures were read before changes), so they are "seen" test parts.
-REDTEAM_TEST3_FILE = STORY_DATA / "redteam_test3.yaml"
+# The frozen test part. Three earlier ones were scored, read while the rails improved, and then retired into
+# the development part (its header says when): a test part a score was read from stops being a test.
+REDTEAM_TEST_FILE = STORY_DATA / "redteam_test4.yaml"
 OUTPUT_DEV_FILE = STORY_DATA / "output_dev.yaml"
 OUTPUT_TEST_FILE = STORY_DATA / "output_test.yaml"
 OUTPUT_TEST3_FILE = STORY_DATA / "output_test3.yaml"
-SEEN_TEST_SPLITS = ("test", "test2")
 LABEL_SCREEN = "label screen"
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -807,14 +804,20 @@ def load_redteam(path: Path = REDTEAM_FILE, sample: int | None = None, seed: int
 
 
 def redteam_parts() -> dict[str, Path]:
-    """The red-team files by split: "dev" (tuned on), "test" and "test2" (frozen, but seen: their scores were read
-    while tuning), "test3" (frozen and unseen until the rails were frozen; when present)."""
-    parts = {"dev": REDTEAM_FILE, "test": REDTEAM_TEST_FILE, "test2": REDTEAM_TEST2_FILE}
-    return {**parts, "test3": REDTEAM_TEST3_FILE} if REDTEAM_TEST3_FILE.is_file() else parts
+    """The red-team files by split: "dev" (tuned on) and "test" (frozen, scored only; when present)."""
+    return {"dev": REDTEAM_FILE, **({"test": REDTEAM_TEST_FILE} if REDTEAM_TEST_FILE.is_file() else {})}
+
+
+def load_redteam_parts(config: CourseConfig) -> dict[str, list[RedTeamItem]]:
+    """Every red-team part by split, sampled as the spec says: ``llm.redteam_sample`` prompts of each part (None:
+    all), and of the development part at most ``llm.redteam_dev_sample``."""
+    samples = {"dev": min(filter(None, [config.llm.redteam_sample, config.llm.redteam_dev_sample]), default=None)}
+    return {split: load_redteam(path, samples.get(split, config.llm.redteam_sample), config.seed)
+            for split, path in redteam_parts().items()}
 
 
 def output_parts() -> dict[str, Path]:
-    """The labeled story passages of the output rail by split: "dev", "test" (seen) and "test3" (when present)."""
+    """The output rail's labeled story passages by split: "dev" (tuned on), "test" and "test3" (frozen)."""
     parts = {"dev": OUTPUT_DEV_FILE, "test": OUTPUT_TEST_FILE}
     return {**parts, "test3": OUTPUT_TEST3_FILE} if OUTPUT_TEST3_FILE.is_file() else parts
 
