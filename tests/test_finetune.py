@@ -1,3 +1,4 @@
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,3 +104,23 @@ def test_mixed_precision_follows_the_switch_on_cuda_only(config: CourseConfig) -
     assert finetune.mixed_precision(config.train, cuda)
     assert not finetune.mixed_precision(config.train.model_copy(update={"amp": False}), cuda)
     assert not finetune.mixed_precision(config.train, cpu)
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "every core"), (1, 1)])
+def test_training_uses_the_train_threads_and_gives_the_timing_threads_back(
+        tiny_dataset, tiny_config: CourseConfig, tmp_path: Path, setting: int | None, expected: Any) -> None:
+    seen: list[int] = []
+
+    def loss(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    tiny_config.train.threads, tiny_config.train.epochs_finetune = setting, 0
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # what session.start leaves for timing (benchmark.threads)
+    try:
+        finetune.fit(_model(tiny_dataset.classes), tiny_dataset, tiny_config, run_dir=tmp_path / "run", loss_fn=loss)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert seen and set(seen) == {os.cpu_count() if expected == "every core" else expected}

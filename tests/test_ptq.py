@@ -78,7 +78,8 @@ def qdq_nodes(path: Path) -> tuple[dict[str, int], set[int]]:
 
 
 def test_recipes_name_the_runtime_they_are_for() -> None:
-    recipes = ptq.course_recipes(load_config("default", environ={}).quant)
+    quant = load_config("default", environ={}, overrides={"quant": {"methods": ["minmax", "entropy", "percentile"]}}).quant
+    recipes = ptq.course_recipes(quant)
     assert [r.name for r in recipes] == ["ort-u8s8-minmax", "ort-u8s8-entropy", "ort-u8s8-percentile",
                                          "ort-s8s8-minmax", "modelopt-max", "modelopt-entropy"]
     assert [r.target for r in recipes] == ["cpu"] * 3 + ["tensorrt"] * 3

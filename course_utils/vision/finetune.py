@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from course_utils.core.atomic import atomic_path
 from course_utils.core.config import CourseConfig, TrainConfig
-from course_utils.core.environment import package_version, seed_everything
+from course_utils.core.environment import package_version, seed_everything, torch_threads
 from course_utils.vision import distributed
 from course_utils.vision.data import ImageFolderDataset, load_rgb
 from course_utils.vision.zoo import Classifier
@@ -157,6 +158,16 @@ def _loader(samples: list[Sample], transform: Any, batch_size: int, workers: int
     return DataLoader(ImageSamples(samples, transform), batch_size=batch_size, num_workers=workers)
 
 
+def working_threads(setting: int | None = None) -> int | None:
+    """PyTorch CPU threads for training and evaluation: ``setting`` (``train.threads``), else every core.
+
+    The notebooks keep PyTorch at ``benchmark.threads`` for timing; work that is not timed should not run on
+    that one thread (fine-tuning is about 1.5x faster on 2 cores than on 1). None (leave it) in a data-parallel
+    rank, which already has its share of the cores.
+    """
+    return None if distributed.current().world_size > 1 else setting or os.cpu_count()
+
+
 def evaluate(model: Classifier, samples: list[Sample], batch_size: int = 32, device: torch.device | None = None,
              workers: int = 0) -> Evaluation:
     """Top-1, loss, per-class top-1, confusion matrix and the misclassified images of ``samples``.
@@ -168,7 +179,7 @@ def evaluate(model: Classifier, samples: list[Sample], batch_size: int = 32, dev
     own = list(range(rank.rank, len(samples), rank.world_size))
     scored: list[tuple[int, float, int]] = []  # (index in samples, loss, predicted class)
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_threads(working_threads()):
         loader = _loader([samples[i] for i in own], model.preprocessing.eval_transform(), batch_size, workers)
         for images, labels in loader:
             logits = model(images.to(device)).float().cpu()
@@ -251,7 +262,7 @@ def fit(
     optimizer: Any = None
     scheduler: Any = None
     net: nn.Module | None = None  # the model, or its DDP wrapper in a data-parallel run
-    with distributed.global_batch_norm(model, device):
+    with torch_threads(working_threads(train.threads)), distributed.global_batch_norm(model, device):
         if last.exists():
             state = torch.load(last, map_location=device, weights_only=True)
             model.load_state_dict(state["model"])
