@@ -52,6 +52,15 @@ STAGES: list[tuple[str, list[dict[str, Any]]]] = [
     ("importance", [{"importance": name} for name in ("l2", "taylor", "hessian")]),
     ("distillation at that rate", [{}, {"distill": True, "distill_alpha": 0.5, "distill_temperature": 2.0},
                                    {"distill": True, "distill_alpha": 0.9, "distill_temperature": 4.0}]),
+    # What is pruned, at about the same MACs: every channel at ratio 0.25 (-44%), or only the channels inside
+    # the blocks, which needs a higher ratio for the same saving (0.4: -45%).
+    ("scope", [{}, {"scope": "within_blocks", "ratio": 0.4}, {"scope": "within_blocks", "ratio": 0.45}]),
+    ("distillation within blocks", [{}, {"distill": True, "distill_alpha": 0.5, "distill_temperature": 2.0}]),
+    # Depth instead of width: whole residual blocks go (ratio: the fraction of MACs) in one step, and the
+    # same 4 epochs retrain them.
+    ("whole blocks", [{}, {"scope": "whole_blocks", "ratio": 0.4, "steps": 1, "retrain_epochs": 4}]),
+    ("retraining whole blocks", [{}, {"retrain_lr": 2.5e-4},
+                                 {"distill": True, "distill_alpha": 0.5, "distill_temperature": 2.0}]),
 ]
 SOURCES = [Path(__file__), Path(prune.__file__), Path(finetune.__file__)]
 
@@ -73,11 +82,14 @@ def dev_teacher(config: CourseConfig, outer: ImageFolderDataset) -> finetune.Cla
     return model
 
 
-def select(config: CourseConfig, ratio: float, seeds: list[int], cache: RowCache, deadline: float) -> bool:
+def select(config: CourseConfig, ratio: float, seeds: list[int], cache: RowCache, deadline: float,
+           stages: list[str] | None = None) -> bool:
     """The greedy search on dev; prints one row per candidate and the settings chosen. False if out of time.
 
     Every candidate runs once per seed (each seed its own dev split, teacher and retraining): the dev
-    top-1 is their mean, since one image of a 49-image dev split is 2 points.
+    top-1 is their mean, since one image of a 49-image dev split is 2 points. ``stages`` runs only the
+    stages named, starting from the spec's settings (an earlier search's choice); a candidate may set its
+    own ``ratio``.
     """
     dataset = resolve_dataset(config)
     folds = []
@@ -86,25 +98,28 @@ def select(config: CourseConfig, ratio: float, seeds: list[int], cache: RowCache
         outer = dev_split(dataset, config.prune.dev_fraction, seed)
         teacher = dev_teacher(seeded, outer)
         folds.append((seeded, outer, teacher, finetune.evaluate(teacher, outer.samples["val"]).top1))
-    best = config.prune.model_dump()
+    best = {**config.prune.model_dump(), "ratio": ratio}
     print(f"Dev search at ratio {ratio}, seeds {seeds}: retrain on {len(folds[0][1].samples['train'])} training "
           f"images (an inner dev split picks the epoch), score on {len(folds[0][1].samples['val'])} held-out dev "
           f"images; the unpruned teachers score {sum(f[3] for f in folds) / len(folds):.3f} on them.\n")
     print("| stage | candidate | dev top-1 (mean) | per seed | MACs (M) | retrain epochs | retrain s |")
     print("|---|---|---:|---|---:|---:|---:|")
     for stage, candidates in STAGES:
+        if stages and stage not in stages:
+            continue
         scored: list[tuple[float, int, int, dict[str, Any]]] = []
         for index, change in enumerate(candidates):
             settings = {**best, **change}
             rows = []
             for seeded, outer, teacher, _ in folds:
-                key = {"part": "select", "ratio": ratio, "settings": settings, "seed": seeded.seed,
+                key = {"part": "select", "ratio": settings["ratio"], "settings": settings, "seed": seeded.seed,
                        "train": config.train.model_dump(), "code": source_digest(*SOURCES)}
                 row = cache.get(key)
                 if row is None:
                     if time.monotonic() > deadline:
                         return False
-                    run = prune.prune_and_retrain(teacher, outer, with_prune(seeded, **settings), ratio=ratio)
+                    run = prune.prune_and_retrain(teacher, outer, with_prune(seeded, **settings),
+                                                  ratio=settings["ratio"])
                     row = {"dev_top1": run.val_top1_after_retrain, "macs": run.macs, "seconds": run.retrain_seconds}
                     cache.put(key, row)
                 rows.append(row)
@@ -116,7 +131,7 @@ def select(config: CourseConfig, ratio: float, seeds: list[int], cache: RowCache
                   f"{rows[0]['macs'] / 1e6:.1f} | {retrain_epochs(settings)} | "
                   f"{sum(r['seconds'] for r in rows) / len(rows):.0f} |", flush=True)
         best = max(scored, key=lambda item: item[:3])[3]
-    chosen = {k: v for k, v in best.items() if k in {"importance", "steps", "step_epochs", "retrain_epochs",
+    chosen = {k: v for k, v in best.items() if k in {"ratio", "scope", "importance", "steps", "step_epochs", "retrain_epochs",
                                                      "retrain_lr", "distill", "distill_alpha",
                                                      "distill_temperature"}}
     print(f"\nChosen on dev: {chosen}")
@@ -179,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select", action="store_true", help="choose the retraining settings on dev")
     parser.add_argument("--frontier", action="store_true", help="val top-1 / MACs / latency at every ratio")
     parser.add_argument("--ratio", type=float, default=0.25, help="the ratio the dev search prunes at")
+    parser.add_argument("--stages", nargs="+", choices=[name for name, _ in STAGES],
+                        help="run only these stages of the search, from the spec's settings")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 7, 1], help="dev splits the search averages")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.4, 0.5])
     parser.add_argument("--budget-s", type=float, default=float("inf"),
@@ -189,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.budget_s
     done = True
     if args.select:
-        done = select(config, args.ratio, args.seeds, cache, deadline) and done
+        done = select(config, args.ratio, args.seeds, cache, deadline, args.stages) and done
     if args.frontier:
         done = frontier(config, list(dict.fromkeys(args.ratios)), cache, deadline) and done
     if not done:

@@ -100,6 +100,75 @@ def test_out_of_range_requests_are_refused(cnn: zoo.Classifier, request_: dict[s
 def test_unknown_importance_is_refused(cnn: zoo.Classifier) -> None:
     with pytest.raises(prune.PruningError, match="Unknown importance"):
         prune.prune_classifier(cnn, ratio=0.5, importance="l3")
+    with pytest.raises(prune.PruningError, match="Unknown scope"):
+        prune.prune_classifier(cnn, ratio=0.5, scope="everything")
+
+
+def test_the_stream_layers_are_the_stem_and_the_residual_writers(cnn: zoo.Classifier) -> None:
+    names = {module: name for name, module in cnn.named_modules()}
+    stream = {names[layer] for layer in prune.stream_layers(cnn)}
+    assert {"net.conv_stem", "net.blocks.1.0.conv_pwl", "net.blocks.1.1.conv_pwl"} <= stream
+    assert not any(name.endswith(("conv_dw", "conv_pw")) for name in stream), "inside their block"
+    assert "net.blocks.6.0.conv_pwl" not in stream  # a one-block stage: no addition, one writer
+
+
+def test_pruning_within_blocks_keeps_every_block_input_whole(cnn: zoo.Classifier, tmp_path: Path) -> None:
+    pruned = prune.prune_classifier(cnn, ratio=0.5, scope="within_blocks")
+    before, after = prune.layer_widths(cnn), prune.layer_widths(pruned)
+    stream = {name for name, module in cnn.named_modules() if module in prune.stream_layers(cnn)}
+    assert all(after[name] == before[name] for name in stream)
+    assert after["net.blocks.2.0.conv_pw"] == before["net.blocks.2.0.conv_pw"] // 2  # the expanded channels
+    assert prune.macs_and_params(pruned)[0] < 0.6 * prune.macs_and_params(cnn)[0]
+    reloaded = prune.load_pruned(prune.save_pruned(pruned, tmp_path / "pruned.pt"))
+    images = _images(pruned, 2)
+    with torch.inference_mode():
+        assert torch.equal(reloaded(images), pruned(images))
+    assert prune.pruning_record(reloaded)["recipe"]["scope"] == "within_blocks"
+
+
+def test_the_residual_blocks_are_the_stage_items_with_a_skip() -> None:
+    mobilenet = zoo.load("mobilenet-v2", CLASSES, pretrained=False)
+    stages = {2: 2, 3: 3, 4: 4, 5: 3, 6: 3}  # blocks per stage; layer1 and layer7 have one block
+    assert prune.residual_blocks(mobilenet) == [f"net.backbone.layer{stage}.{block}"
+                                                for stage, count in stages.items() for block in range(1, count)], \
+        "each stage's first block changes the width, and the layers inside a block have no skip of their own"
+
+
+def test_whole_blocks_go_cheapest_first_and_reload(cnn: zoo.Classifier, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = prune.residual_blocks(cnn)
+    assert "net.blocks.1.1" in blocks and "net.blocks.1.0" not in blocks and "net.blocks.6.0" not in blocks
+    # A stand-in loss: each block costs what its position in the list says, so the order is known.
+    order = {name: rank for rank, name in enumerate(reversed(blocks))}
+
+    def loss_without(model: zoo.Classifier, samples: object) -> float:
+        return sum(order[name] for name in blocks if isinstance(model.get_submodule(name), torch.nn.Identity))
+
+    monkeypatch.setattr(prune, "_training_loss", loss_without)
+    macs = prune.macs_and_params(cnn)[0]
+    pruned = prune.prune_classifier(cnn, ratio=0.2, scope="whole_blocks", samples=_noise_samples(tmp_path, 2))
+    dropped = prune.pruning_record(pruned)["dropped_blocks"]
+    assert dropped and dropped[0] == blocks[-1] and set(dropped) <= set(blocks)
+    assert 1 - prune.macs_and_params(pruned)[0] / macs >= 0.2
+    assert all(not isinstance(cnn.get_submodule(name), torch.nn.Identity) for name in dropped), "a copy is pruned"
+    reloaded = prune.load_pruned(prune.save_pruned(pruned, tmp_path / "pruned.pt"))
+    images = _images(pruned, 2)
+    with torch.inference_mode():
+        assert torch.equal(reloaded(images), pruned(images))
+
+
+@pytest.mark.parametrize(("request_", "message"), [
+    ({"threshold": 0.3}, "give `ratio`"), ({"ratio": 0.3}, "pass `samples`"),
+    ({"ratio": 0.3, "steps": 2}, "one step")])
+def test_whole_block_requests_are_checked(cnn: zoo.Classifier, request_: dict[str, float], message: str) -> None:
+    with pytest.raises(prune.PruningError, match=message):
+        prune.prune_classifier(cnn, scope="whole_blocks", **request_)
+
+
+def test_a_model_without_residual_blocks_is_refused(tmp_path: Path) -> None:
+    model = zoo.load("vgg11", CLASSES, pretrained=False)
+    with pytest.raises(prune.PruningError, match="no residual blocks"):
+        prune.prune_classifier(model, ratio=0.3, scope="whole_blocks", samples=_noise_samples(tmp_path, 2))
 
 
 def test_unprunable_backbone_is_refused_with_its_reason() -> None:
@@ -339,7 +408,8 @@ def test_dev_split_is_stratified_disjoint_and_fixed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("change", [{"prune.distill_alpha": 1.5}, {"prune.distill_temperature": 0},
                                     {"prune.steps": 0}, {"prune.dev_fraction": 1.0}, {"prune.sweep": [0.0, 1.2]},
-                                    {"prune.importance": "l3"}, {"prune.importance": "lamp"}])
+                                    {"prune.importance": "l3"}, {"prune.importance": "lamp"},
+                                    {"prune.scope": "residual"}])
 def test_prune_spec_options_are_validated(change: dict[str, object]) -> None:
     from course_utils.core.config import ConfigError, load_config
 
@@ -353,6 +423,7 @@ def test_the_spec_offers_exactly_the_criteria_pruning_has() -> None:
     from course_utils.core.config import PruneConfig
 
     assert set(get_args(PruneConfig.model_fields["importance"].annotation)) == set(prune.IMPORTANCES)
+    assert set(get_args(PruneConfig.model_fields["scope"].annotation)) == set(prune.SCOPES)
 
 
 def test_prune_and_retrain_distils_and_picks_its_epoch_on_dev(cnn: zoo.Classifier, config: CourseConfig,
@@ -386,3 +457,28 @@ def test_prune_and_retrain_distils_and_picks_its_epoch_on_dev(cnn: zoo.Classifie
     unpruned = prune.prune_and_retrain(cnn, dataset, config, ratio=0.0)
     assert prune.prune_and_retrain(cnn, dataset, plain, ratio=0.0).model_path == unpruned.model_path, \
         "the unpruned model is measured once, whatever the retraining settings"
+
+
+def test_retraining_that_loses_on_dev_keeps_the_pruned_weights(cnn: zoo.Classifier, config: CourseConfig,
+                                                                tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from course_utils.vision import finetune
+    from course_utils.vision.data import ImageFolderDataset
+
+    samples = _noise_samples(tmp_path, 12, size=32)
+    dataset = ImageFolderDataset(tmp_path, "tiny", "test", CLASSES, {"train": samples[3:], "val": samples[:3]})
+    config.prune.steps = 1
+
+    def ruinous_fit(model: zoo.Classifier, data: ImageFolderDataset, settings: CourseConfig,
+                    **kwargs: object) -> finetune.TrainResult:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.zero_()
+        return finetune.TrainResult([], -1.0, 0, True, None, tmp_path / "best.pt")
+
+    monkeypatch.setattr(finetune, "fit", ruinous_fit)
+    monkeypatch.setattr(prune, "cpu_latency_ms", lambda *args, **kwargs: 1.0)
+    run = prune.prune_and_retrain(cnn, dataset, config, ratio=0.25)
+    kept = prune.load_pruned(run.model_path)
+    assert any(bool(parameter.abs().sum()) for parameter in kept.parameters()), "the pruned weights were kept"
+    assert run.val_top1_after_retrain == run.val_top1_before_retrain, "scored on the same weights"

@@ -331,6 +331,13 @@ def test_the_layer_profile_names_each_layer_and_its_kind(tiny: OnnxModel, calibr
     assert list(ops.values()) == sorted(ops.values(), reverse=True) and ops
 
 
+def test_the_network_speedup_is_the_layers_total_time_in_fp32_over_int8() -> None:
+    times = [ptq.LayerTime("dw", "depthwise", 4.0, 4.0), ptq.LayerTime("pw", "pointwise", 12.0, 3.0)]
+    assert ptq.speedup_with(times) == pytest.approx(16 / 7)
+    assert ptq.speedup_with(times, {"depthwise": 4.0}) == pytest.approx(16 / 4)  # every layer at 4x
+    assert ptq.speedup_with(times, {"conv": 10.0}) == ptq.speedup_with(times)  # no such layer: no change
+
+
 def test_the_cpu_model_is_chosen_on_dev_agreement_then_speed() -> None:
     def dev(name: str, val_top1: float, agreement: float, b8: float) -> VariantResult:
         return replace(result(name, val_top1, 1.0, b8), dev_agreement=agreement)

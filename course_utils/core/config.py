@@ -86,6 +86,8 @@ class PruneConfig(_Section):
     ratio: float = Field(default=0.25, ge=0.0, lt=1.0)
     threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
     importance: Literal["l1", "l2", "bn_scale", "taylor", "hessian", "fpgm"] = "l2"  # prune.IMPORTANCES
+    # prune.SCOPES: within_blocks keeps the residual stream whole; whole_blocks drops residual blocks (ratio: of MACs)
+    scope: Literal["all", "within_blocks", "whole_blocks"] = "all"
     granularity: int = Field(default=8, ge=1)
     min_channels: int = Field(default=16, ge=1)
     sweep: list[float] = [0.0, 0.25, 0.5]

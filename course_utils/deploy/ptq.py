@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -548,6 +548,14 @@ def gains_by_kind(times: Sequence[LayerTime]) -> list[dict[str, Any]]:
                      "gain": round(fp32_ms / int8_ms, 2) if int8_ms else math.inf,
                      "share_of_int8_layer_time": round(int8_ms / total, 3)})
     return rows
+
+
+def speedup_with(times: Sequence[LayerTime], gains: Mapping[str, float] | None = None) -> float:
+    """The layers' total FP32 time over their INT8 time: as measured, or with the layers of each kind in
+    ``gains`` (e.g. ``{"depthwise": 3.3}``) as many times faster than FP32 as given (Amdahl's law)."""
+    gains = gains or {}
+    int8_ms = sum(t.fp32_ms / gains[t.kind] if t.kind in gains else t.int8_ms for t in times)
+    return sum(t.fp32_ms for t in times) / int8_ms if int8_ms else math.inf
 
 
 def time_by_op(times: dict[str, tuple[str, float]]) -> dict[str, float]:

@@ -12,6 +12,11 @@ the classes, Torch-Pruning's pruning history (which channels of which layer went
 ``load_pruned`` rebuilds the original architecture, replays the history, then loads the weights, all
 from plain data read with ``weights_only=True``.
 
+``scope="whole_blocks"`` prunes depth instead of width: it removes whole residual blocks, the ones the
+training images miss least per multiply-accumulate saved. A residual block computes ``x + f(x)``, so without it
+the network still computes ``x``, the path every block of a stage adds into; networks trained with
+stochastic depth (EfficientNet, ConvNeXt, DeiT) learned to work with blocks left out.
+
 Retraining wins back what the surgery cost: ``prune_and_retrain`` retrains with ``finetune.fit``, optionally
 distilling from the unpruned model (``DistillationLoss``) and pruning in several smaller steps with short
 retrains between them. It trains on the training images minus a dev part (``data.dev_split``) and picks its
@@ -49,10 +54,13 @@ if TYPE_CHECKING:
     from course_utils.vision.finetune import Sample
 
 IMPORTANCES: tuple[str, ...] = ("l1", "l2", "bn_scale", "taylor", "hessian", "fpgm")
+SCOPES: tuple[str, ...] = ("all", "within_blocks", "whole_blocks")
 GRADIENT_IMPORTANCES = ("taylor", "hessian")  # scored from loss gradients on training images
 FORMAT = "course-pruned/1"
 MAX_LAYER_RATIO = 0.9  # never remove more than 90% of one layer's channels
 TAYLOR_BATCHES = 4
+BLOCK_SCORE_IMAGES = 128  # training images a block's removal is scored on (loss increase)
+MIN_BLOCK_SHARE = 0.005  # a candidate block must carry at least this share of the model's MACs
 HESSIAN_SAMPLES = 32  # per-sample gradients for the Fisher (Hessian) diagonal: one backward pass each
 RECORD = "pruning"  # the attribute under which a pruned Classifier carries its recipe and history
 
@@ -93,7 +101,9 @@ class PruneRecipe:
     (TAO's ``pruning_granularity``: tensor cores like multiples of 8); no layer is cut below ``min_channels``
     (TAO's ``min_num_filters``). ``input_size`` is the example input
     the dependency graph was traced with; ``effective_ratio`` is the fraction of channels a threshold removed;
-    ``steps`` is how many equal steps of iterative pruning reached the ratio.
+    ``steps`` is how many equal steps of iterative pruning reached the ratio. ``scope`` is ``all`` (every
+    prunable channel), ``within_blocks`` (the residual stream and the stem stay whole: ``stream_layers``) or
+    ``whole_blocks`` (``ratio`` is then the fraction of MACs to remove by dropping residual blocks).
     """
 
     importance: str
@@ -104,10 +114,12 @@ class PruneRecipe:
     threshold: float | None = None
     effective_ratio: float | None = None
     steps: int = 1
+    scope: str = "all"
 
 
-def check_request(model: Classifier, ratio: float | None, threshold: float | None, importance: str) -> None:
-    """Raise ``PruningError`` for an out-of-range ratio or threshold, an unknown criterion or backbone."""
+def check_request(model: Classifier, ratio: float | None, threshold: float | None, importance: str,
+                  scope: str = "all") -> None:
+    """Raise ``PruningError`` for an out-of-range ratio or threshold, an unknown criterion, scope or backbone."""
     if (ratio is None) == (threshold is None):
         raise PruningError("Give exactly one of `ratio` (fraction of channels to remove) or `threshold` "
                            "(TAO-style normalised-magnitude threshold).")
@@ -119,6 +131,11 @@ def check_request(model: Classifier, ratio: float | None, threshold: float | Non
                            "largest, so the threshold must lie strictly between 0 and 1 (TAO uses 0.1-0.7).")
     if importance not in IMPORTANCES:
         raise PruningError(f"Unknown importance {importance!r}: choose one of {', '.join(IMPORTANCES)}.")
+    if scope not in SCOPES:
+        raise PruningError(f"Unknown scope {scope!r}: choose one of {', '.join(SCOPES)}.")
+    if scope == "whole_blocks" and threshold is not None:
+        raise PruningError("scope='whole_blocks' removes whole blocks, not channels: give `ratio` (the fraction "
+                           "of MACs to remove, e.g. 0.4) instead of TAO's channel `threshold`.")
     if model.backbone in UNPRUNABLE:
         raise PruningError(f"{model.backbone} cannot be pruned by the course: {UNPRUNABLE[model.backbone]}. "
                            "Pick another backbone (efficientnet-lite0, resnet50, mobilenet-v2, deit-tiny…).")
@@ -231,6 +248,162 @@ def _narrow_layer_ratios(model: Classifier, ratio: float, recipe: PruneRecipe,
     return limits
 
 
+PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def stream_layers(model: Classifier, input_size: int | None = None) -> list[nn.Module]:
+    """The layers whose output channels leave their block: the residual stream and the stem.
+
+    Torch-Pruning groups the channels that must go together. A group written by two or more dense (not
+    depthwise) layers is a residual stream: every block of a stage adds its output into the same channels
+    (a ResNet or MobileNet stage, a ViT's embedding). The group written by the convolution that reads the
+    image's 3 channels is the stem. Keeping these whole and pruning only inside the blocks (the expanded
+    channels of an inverted residual, a bottleneck's middle, an MLP's hidden layer, attention heads) leaves
+    every block's input as it was trained.
+    """
+    tp = lazy_import("torch_pruning", "train", "Pruning")
+
+    _attention_heads(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        graph = tp.DependencyGraph().build_dependency(model, example_input(model, input_size))
+    kept: list[nn.Module] = []
+    for group in graph.get_all_groups(ignored_layers=head_modules(model), root_module_types=list(PRUNABLE_TYPES)):
+        writers = [dep.target.module for dep, _ in group
+                   if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, PRUNABLE_TYPES)]
+        dense = [layer for layer in writers if getattr(layer, "groups", 1) == 1]
+        if len(dense) > 1 or any(getattr(layer, "in_channels", None) == 3 for layer in dense):
+            kept.extend(layer for layer in dense if layer not in kept)
+    return kept
+
+
+def _parent_and_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, child = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), child
+
+
+def residual_blocks(model: Classifier) -> list[str]:
+    """The blocks that can be left out: items of a stage (``nn.Sequential`` or ``nn.ModuleList``) that pass
+    their input through when their weights are zero, and carry at least ``MIN_BLOCK_SHARE`` of the MACs.
+
+    A residual block computes ``x + f(x)``: with every weight zeroed ``f`` is 0 and the block returns its input,
+    where a plain layer (a VGG convolution, a MobileNet's depthwise step) returns zeros. Testing that on the
+    input each item sees in one forward pass finds the blocks of any architecture without a list per family:
+    every block of a stage but the first (which changes the width or the resolution) in ResNets, MobileNets,
+    EfficientNets, ConvNeXts and ViTs.
+    """
+    heads = set(head_modules(model))
+    stages = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, (nn.Sequential, nn.ModuleList))]
+    items = {f"{stage}.{child}" if stage else child: block for stage, module in stages
+             for child, block in module.named_children()
+             if any(True for _ in block.parameters()) and block not in heads}
+    seen: dict[str, torch.Tensor] = {}  # each same-shape item's input in one forward pass
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if (len(inputs) == 1 and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor)
+                    and inputs[0].shape == output.shape):
+                seen[name] = inputs[0].detach().clone()
+        return hook
+
+    handles = [block.register_forward_hook(record(name)) for name, block in items.items()]
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.randn(example_input(model).shape, generator=torch.Generator().manual_seed(0)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = macs_and_params(model)[0]
+    return [name for name in items if name in seen and _passes_input_when_zeroed(items[name], seen[name])
+            and _block_macs(model, name) >= MIN_BLOCK_SHARE * total]
+
+
+def _passes_input_when_zeroed(block: nn.Module, inputs: torch.Tensor) -> bool:
+    """Whether a copy of ``block`` with all weights zero returns ``inputs`` (a residual block does)."""
+    zeroed = copy.deepcopy(block).eval()
+    with torch.inference_mode():
+        for parameter in zeroed.parameters():
+            parameter.zero_()
+        return bool(torch.allclose(zeroed(inputs), inputs, atol=1e-5))
+
+
+def _block_macs(model: Classifier, name: str) -> int:
+    """The MACs of one image's pass through the block ``name`` (the model's MACs with and without it)."""
+    with _left_out(model, [name]):
+        without = macs_and_params(model)[0]
+    return macs_and_params(model)[0] - without
+
+
+@contextmanager
+def _left_out(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """``model`` with the blocks ``names`` replaced by ``nn.Identity`` for the duration, then restored."""
+    saved = []
+    for name in names:
+        parent, child = _parent_and_name(model, name)
+        saved.append((parent, child, parent.get_submodule(child)))
+        parent.register_module(child, nn.Identity())
+    try:
+        yield
+    finally:
+        for parent, child, block in reversed(saved):
+            parent.register_module(child, block)
+
+
+def _training_loss(model: Classifier, samples: list[Sample]) -> float:
+    """Mean cross-entropy of ``model`` on up to ``BLOCK_SCORE_IMAGES`` of ``samples`` (evaluation transform)."""
+    from course_utils.vision.finetune import ImageSamples
+
+    loader = torch.utils.data.DataLoader(
+        ImageSamples(samples[:BLOCK_SCORE_IMAGES], model.preprocessing.eval_transform()), batch_size=32)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for images, labels in loader:
+            total += float(nn.functional.cross_entropy(model.eval()(images), labels, reduction="sum"))
+            count += len(labels)
+    return total / max(count, 1)
+
+
+def blocks_to_drop(model: Classifier, ratio: float, samples: list[Sample] | None) -> list[str]:
+    """The residual blocks whose removal takes ``ratio`` of the MACs at least cost to the training loss.
+
+    Each block is scored alone: the increase of the training loss without it, per MAC it saves. The cheapest
+    go first until the saving reaches ``ratio`` (blocks are coarse, so it may overshoot by one block's share).
+    A block nested in one already chosen (or holding one) is skipped: its MACs are already counted.
+    """
+    if not samples:
+        raise PruningError("scope='whole_blocks' ranks blocks by the training loss without them: pass `samples` "
+                           "(e.g. dataset.samples['train']).")
+    candidates = residual_blocks(model)
+    if not candidates:
+        raise PruningError(f"{model.backbone} has no residual blocks the course can leave out: use "
+                           "scope='all' or 'within_blocks' (channel pruning).")
+    base_loss, total = _training_loss(model, samples), macs_and_params(model)[0]
+    costs = []
+    for name in candidates:
+        with _left_out(model, [name]):
+            loss = _training_loss(model, samples)
+        saved = _block_macs(model, name)
+        costs.append(((loss - base_loss) / saved, name, saved))
+    chosen: list[str] = []
+    removed = 0
+    for _, name, saved in sorted(costs):
+        if removed >= ratio * total:
+            break
+        if any(name.startswith(f"{other}.") or other.startswith(f"{name}.") for other in chosen):
+            continue
+        chosen.append(name)
+        removed += saved
+    return chosen
+
+
+def drop_blocks(model: nn.Module, names: list[str]) -> None:
+    """Replace the blocks ``names`` of ``model`` by ``nn.Identity`` (in place)."""
+    for name in names:
+        parent, child = _parent_and_name(model, name)
+        parent.register_module(child, nn.Identity())
+
+
 def _pruner(model: Classifier, recipe: PruneRecipe, ratio: float, global_pruning: bool) -> Any:
     """Torch-Pruning's pruner for ``recipe``, reaching ``ratio`` in ``recipe.steps`` equal steps."""
     tp = lazy_import("torch_pruning", "train", "Pruning")
@@ -246,7 +419,8 @@ def _pruner(model: Classifier, recipe: PruneRecipe, ratio: float, global_pruning
             global_pruning=global_pruning, pruning_ratio=ratio, max_pruning_ratio=MAX_LAYER_RATIO,
             iterative_steps=recipe.steps,
             pruning_ratio_dict=_narrow_layer_ratios(model, ratio, recipe, set(heads)),
-            ignored_layers=head_modules(model),
+            ignored_layers=head_modules(model)
+            + (stream_layers(model, recipe.input_size) if recipe.scope == "within_blocks" else []),
             round_to=recipe.granularity if recipe.granularity > 1 else None,
             num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=False, head_pruning_ratio=ratio,
         )
@@ -277,6 +451,7 @@ def prune_classifier(
     input_size: int | None = None,
     steps: int = 1,
     between_steps: Callable[[Classifier, int], None] | None = None,
+    scope: str = "all",
 ) -> Classifier:
     """A structurally pruned copy of ``model`` (the original is left as it was).
 
@@ -288,17 +463,28 @@ def prune_classifier(
     two need training ``samples``. ``granularity`` rounds kept channel counts down to its multiples, never
     below ``min_channels``. With ``steps`` > 1 the ratio is reached in equal steps (iterative pruning), each
     scored on the weights as they are then; ``between_steps(model, step)`` runs after every step but the last
-    (a short retrain). The copy carries its recipe and Torch-Pruning's history (``pruning_record``), which
-    ``save_pruned`` stores; a refused or failed request raises ``PruningError``.
+    (a short retrain). ``scope="within_blocks"`` keeps the residual stream and the stem whole (``stream_layers``);
+    ``scope="whole_blocks"`` removes whole residual blocks instead of channels, ``ratio`` of the MACs, scored on
+    ``samples`` (``blocks_to_drop``). The copy carries its recipe, Torch-Pruning's history and the dropped blocks
+    (``pruning_record``), which ``save_pruned`` stores; a refused or failed request raises ``PruningError``.
     """
-    check_request(model, ratio, threshold, importance)
+    check_request(model, ratio, threshold, importance, scope)
     if steps < 1:
         raise PruningError(f"steps={steps}: iterative pruning needs at least one step (1 prunes in one shot).")
     recipe = PruneRecipe(importance, granularity, input_size or model.preprocessing.input_size, min_channels,
-                         ratio, threshold, steps=steps)
+                         ratio, threshold, steps=steps, scope=scope)
     pruned = copy.deepcopy(model).cpu().eval().requires_grad_(True)  # traced and scored on the CPU
     if ratio == 0.0:
         setattr(pruned, RECORD, {"recipe": asdict(replace(recipe, steps=1)), "history": []})
+        return pruned
+    if scope == "whole_blocks":
+        if steps > 1:
+            raise PruningError("scope='whole_blocks' removes its blocks in one step: set steps=1.")
+        with _plain_errors(model):
+            dropped = blocks_to_drop(pruned, ratio or 0.0, samples)
+            drop_blocks(pruned, dropped)
+        _check_output(pruned, model)
+        setattr(pruned, RECORD, {"recipe": asdict(recipe), "history": [], "dropped_blocks": dropped})
         return pruned
     with _plain_errors(model):
         pruner = _pruner(pruned, recipe, ratio or 0.0, global_pruning=threshold is not None)
@@ -341,7 +527,8 @@ def _plain_errors(model: Classifier) -> Iterator[None]:
 
 
 def pruning_record(model: Classifier) -> dict[str, Any]:
-    """How a model was pruned: ``{"recipe": PruneRecipe's fields, "history": [[layer, out?, indices]]}``."""
+    """How a model was pruned: ``{"recipe": PruneRecipe's fields, "history": [[layer, out?, indices]]}``, plus
+    ``"dropped_blocks"`` (names) for ``scope="whole_blocks"``."""
     record = getattr(model, RECORD, None)
     if record is None:
         raise PruningError("This model was not made by prune_classifier or load_pruned; an unpruned model "
@@ -379,7 +566,8 @@ def save_pruned(model: Classifier, path: Path) -> Path:
 
 
 def load_pruned(path: str | Path) -> Classifier:
-    """Rebuild a classifier saved by ``save_pruned``: original architecture, pruning replayed, weights loaded.
+    """Rebuild a classifier saved by ``save_pruned``: original architecture, blocks dropped and pruning replayed,
+    weights loaded.
 
     The file is read with ``weights_only=True`` (tensors and plain data only), so loading it runs no code.
     """
@@ -393,6 +581,7 @@ def load_pruned(path: str | Path) -> Classifier:
                            "zoo.load_classifier.")
     model = load(payload["backbone"], payload["classes"], pretrained=False)
     recipe = PruneRecipe(**payload["pruning"]["recipe"])
+    drop_blocks(model, payload["pruning"].get("dropped_blocks", []))
     if payload["pruning"]["history"]:
         _attention_heads(model)
         with warnings.catch_warnings():
@@ -541,10 +730,11 @@ def _run_key(model: Classifier, dataset: ImageFolderDataset, config: CourseConfi
              request: dict[str, Any]) -> str:
     settings: dict[str, Any] = {"model": fingerprint(model), "request": request,
                                 "val": [str(p) for p, _ in dataset.samples["val"]],
-                                "torch_pruning": package_version("torch_pruning")}
+                                "torch_pruning": package_version("torch_pruning"),
+                                "retraining": "keeps the better of the pruned weights and its best epoch"}
     if request.get("ratio") != 0.0:  # the unpruned model is the same whatever the pruning settings
         settings.update(
-            importance=config.prune.importance, granularity=config.prune.granularity,
+            importance=config.prune.importance, scope=config.prune.scope, granularity=config.prune.granularity,
             min_channels=config.prune.min_channels, retrain=retrain_config(config).train.model_dump(),
             seed=config.seed, samples=[str(p) for p, _ in dataset.samples["train"]],
             schedule=config.prune.model_dump(include={"steps", "step_epochs", "dev_fraction", "distill"}))
@@ -558,7 +748,8 @@ def prune_and_retrain(model: Classifier, dataset: ImageFolderDataset, config: Co
     """Prune ``model`` (by ``ratio`` or ``threshold``), evaluate, retrain with ``finetune.fit``, measure.
 
     Retraining trains on the training images minus a dev part (``prune.dev_fraction``, ``data.dev_split``)
-    and keeps its best epoch on that dev part; the validation split is scored once, before and after.
+    and keeps its best epoch on that dev part, or the pruned weights if they score better there; the
+    validation split is scored once, before and after.
     ``prune.steps`` > 1 prunes iteratively with ``prune.step_epochs`` of retraining between the steps;
     ``prune.distill`` distils from ``model`` (``DistillationLoss``) in every retrain.
     Results live in ``<workspace>/prune/<key>`` (key: weights, request, settings, data, library version):
@@ -592,14 +783,22 @@ def prune_and_retrain(model: Classifier, dataset: ImageFolderDataset, config: Co
 
         pruned = prune_classifier(model, ratio, threshold, settings.importance, settings.granularity,
                                   settings.min_channels, samples=split.samples["train"], steps=settings.steps,
-                                  between_steps=retrain_step if settings.step_epochs > 0 else None)
+                                  between_steps=retrain_step if settings.step_epochs > 0 else None,
+                                  scope=settings.scope)
         before = evaluate(pruned, dataset.samples["val"], config.train.batch_size).top1
         accuracy = {"before": before, "after": before, "dev": None, "distilled": loss is not None}
-        if pruning_record(pruned)["history"] and settings.retrain_epochs > 0:
+        record = pruning_record(pruned)
+        if (record["history"] or record.get("dropped_blocks")) and settings.retrain_epochs > 0:
+            # Retraining may also lose accuracy (a light cut, a high learning rate): it keeps whichever is
+            # better on the dev part, the pruned weights as they were or its best epoch.
+            start = evaluate(pruned, split.samples["val"], config.train.batch_size).top1
+            weights = copy.deepcopy(pruned.state_dict())
             result = fit(pruned, split, retrain_config(config), run_dir=folder / "retrain", loss_fn=loss)
             spent.append(result.train_seconds)
+            if result.best_val_top1 < start:
+                pruned.load_state_dict(weights)
             accuracy.update(after=evaluate(pruned, dataset.samples["val"], config.train.batch_size).top1,
-                            dev=result.best_val_top1)
+                            dev=max(start, result.best_val_top1))
         accuracy["seconds"] = round(sum(spent), 1)
         save_pruned(pruned.cpu(), model_file)  # measured and saved on the CPU, wherever it was retrained
         write_json_atomic(result_file, accuracy)
@@ -762,8 +961,8 @@ def stage_metrics(unpruned: PrunedRun, kept: PrunedRun, runs: list[PrunedRun],
     reduction, _ = _reduction_and_drop(unpruned, kept)
     return {
         "ratio": kept.ratio if kept.ratio is not None else kept.effective_ratio, "threshold": kept.threshold,
-        "importance": config.prune.importance, "granularity": config.prune.granularity,
-        "retrain_epochs": config.prune.retrain_epochs, "steps": config.prune.steps,
+        "importance": config.prune.importance, "scope": config.prune.scope,
+        "granularity": config.prune.granularity, "retrain_epochs": config.prune.retrain_epochs, "steps": config.prune.steps,
         "step_epochs": config.prune.step_epochs, "distilled": kept.distilled,
         "params_before": unpruned.params, "params_after": kept.params,
         "macs_before": unpruned.macs, "macs_after": kept.macs, "macs_reduction": round(reduction, 4),
