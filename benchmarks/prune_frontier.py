@@ -53,7 +53,7 @@ STAGES: list[tuple[str, list[dict[str, Any]]]] = [
     ("distillation at that rate", [{}, {"distill": True, "distill_alpha": 0.5, "distill_temperature": 2.0},
                                    {"distill": True, "distill_alpha": 0.9, "distill_temperature": 4.0}]),
     # What is pruned, at about the same MACs: every channel at ratio 0.25 (-44%), or only the channels inside
-    # the blocks, which needs a higher ratio for the same saving (0.4: -45%).
+    # the blocks, which needs a higher ratio for a similar saving (0.4: -42%).
     ("scope", [{}, {"scope": "within_blocks", "ratio": 0.4}, {"scope": "within_blocks", "ratio": 0.45}]),
     ("distillation within blocks", [{}, {"distill": True, "distill_alpha": 0.5, "distill_temperature": 2.0}]),
     # Depth instead of width: whole residual blocks go (ratio: the fraction of MACs) in one step, and the
