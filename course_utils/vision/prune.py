@@ -338,11 +338,8 @@ def _block_macs(model: Classifier, name: str) -> int:
 @contextmanager
 def _left_out(model: nn.Module, names: list[str]) -> Iterator[None]:
     """``model`` with the blocks ``names`` replaced by ``nn.Identity`` for the duration, then restored."""
-    saved = []
-    for name in names:
-        parent, child = _parent_and_name(model, name)
-        saved.append((parent, child, parent.get_submodule(child)))
-        parent.register_module(child, nn.Identity())
+    saved = [(*_parent_and_name(model, name), model.get_submodule(name)) for name in names]
+    drop_blocks(model, names)
     try:
         yield
     finally:
