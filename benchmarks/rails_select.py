@@ -1,11 +1,11 @@
 """How the input classifier's settings were chosen: leave one retired test part out of the development data.
 
-The development part (``data/story/redteam.yaml``) holds the course's own prompts and, at its end, four
+The development part (``data/story/redteam.yaml``) holds the course's own prompts and, at its end, five
 earlier test parts that were retired into it (their entries carry ``source:``, the part's file name). Each
 was written at another time, by another author, so holding one out and training on the rest is a fairer
 rehearsal of a new, unseen set than random folds of one author's prompts are (random folds put a near-twin
 of every prompt in the training folds). For each setting in the grid (JSON, changes to
-``data/story/classifier.yaml``'s ``input`` section) the classifier is trained three times, once without
+``data/story/classifier.yaml``'s ``input`` section) the classifier is trained once without
 each part, and judges the held-out part together with the keyword rules, as the ``guarded`` rails do.
 The frozen test part is never read here. The rule for choosing (2026-12-07): the least
 shortfall from the targets, max(0, 95% - blocked) + max(0, false positives - 5%).

@@ -435,6 +435,7 @@ def test_prune_and_retrain_distils_and_picks_its_epoch_on_dev(cnn: zoo.Classifie
     samples = _noise_samples(tmp_path, 12, size=32)
     dataset = ImageFolderDataset(tmp_path, "tiny", "test", CLASSES, {"train": samples[3:], "val": samples[:3]})
     config.prune.distill, config.prune.steps, config.prune.step_epochs = True, 2, 1
+    config.prune.scope = "all"  # iterative steps prune channels (whole blocks go in one step)
     calls: list[tuple[int, object, int]] = []
     real_fit = finetune.fit
 

@@ -76,7 +76,7 @@ def test_frozen_test_parts_are_unchanged() -> None:
     recorded = dict(reversed(line.split()) for sums in sorted(STORY_DATA.glob("redteam_test*.sha256"))
                     for line in sums.read_text().splitlines() if line and not line.startswith("#"))
     frozen = {path.name for path in STORY_DATA.glob("*_test*.yaml")}
-    assert {"redteam_test5.yaml", "output_test.yaml", "output_test3.yaml"} <= frozen == set(recorded), \
+    assert {"redteam_test6.yaml", "output_test.yaml", "output_test3.yaml"} <= frozen == set(recorded), \
         "every frozen test part needs its hash recorded (redteam_test*.sha256)"
     for name in frozen:
         assert hashlib.sha256((STORY_DATA / name).read_bytes()).hexdigest() == recorded[name], \
@@ -95,7 +95,8 @@ def test_dev_and_test_parts_cover_languages_and_categories_and_share_nothing() -
             assert sum(i.lang == lang and not i.adversarial for i in part) >= 20
     assert not {canonical(i.text) for i in dev} & {canonical(i.text) for i in test}
     assert {"paraphrase", "obfuscation", "roleplay", "indirect"} <= {t for i in dev for t in i.tags}
-    assert {"obfuscation", "indirect"} <= {t for i in test for t in i.tags}
+    test_tags = {t for i in test for t in i.tags}
+    assert "obfuscation" in test_tags and test_tags & {"indirect", "paraphrase"}  # harm without a trigger word
 
 
 def test_retired_test_parts_train_the_input_rail_only(tmp_path: Path) -> None:
@@ -116,7 +117,7 @@ def test_retired_test_parts_train_the_input_rail_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sample, dev_sample, sizes",
-                         [(None, 10, (10, 440)), (6, 10, (6, 6)), (None, None, (2646, 440))])
+                         [(None, 10, (10, 440)), (6, 10, (6, 6)), (None, None, (3086, 440))])
 def test_the_spec_samples_the_development_part_apart(config: CourseConfig, sample: int | None,
                                                      dev_sample: int | None, sizes: tuple[int, int]) -> None:
     config.llm.redteam_sample, config.llm.redteam_dev_sample = sample, dev_sample
