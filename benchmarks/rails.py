@@ -2,8 +2,8 @@
 language; output rails; labels; rails latency.
 
 Scores every local rail configuration (no LLM needed; ``self_check`` is in benchmarks/story.py) on the
-development part (``data/story/redteam.yaml``, what the rules and the classifier were tuned on, five retired
-test parts included) and on the frozen test part (``redteam_test6.yaml``, written by an author who never saw
+development part (``data/story/redteam.yaml``, what the rules and the classifier were tuned on, six retired
+test parts included) and on the frozen test part (``redteam_test7.yaml``, written by an author who never saw
 the rules, opened after the rails were frozen). For the learned classifier the honest development figure is
 out of fold (5 folds, the classifier never saw the prompt it scores): ``guarded (out of fold)``; ``guarded``
 on dev is in-sample and means nothing (benchmarks/rails_select.py holds out whole retired parts instead).

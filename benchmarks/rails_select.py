@@ -1,6 +1,6 @@
 """How the input classifier's settings were chosen: leave one retired test part out of the development data.
 
-The development part (``data/story/redteam.yaml``) holds the course's own prompts and, at its end, five
+The development part (``data/story/redteam.yaml``) holds the course's own prompts and, at its end, six
 earlier test parts that were retired into it (their entries carry ``source:``, the part's file name). Each
 was written at another time, by another author, so holding one out and training on the rest is a fairer
 rehearsal of a new, unseen set than random folds of one author's prompts are (random folds put a near-twin

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 from pathlib import Path
 
 import numpy as np
@@ -134,8 +136,8 @@ def test_the_residual_blocks_are_the_stage_items_with_a_skip() -> None:
         "each stage's first block changes the width, and the layers inside a block have no skip of their own"
 
 
-def test_whole_blocks_go_cheapest_first_and_reload(cnn: zoo.Classifier, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_whole_blocks_are_the_cheapest_set_and_reload(cnn: zoo.Classifier, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = prune.residual_blocks(cnn)
     assert "net.blocks.1.1" in blocks and "net.blocks.1.0" not in blocks and "net.blocks.6.0" not in blocks
     # A stand-in loss: each block costs what its position in the list says, so the order is known.
@@ -148,13 +150,39 @@ def test_whole_blocks_go_cheapest_first_and_reload(cnn: zoo.Classifier, tmp_path
     macs = prune.macs_and_params(cnn)[0]
     pruned = prune.prune_classifier(cnn, ratio=0.2, scope="whole_blocks", samples=_noise_samples(tmp_path, 2))
     dropped = prune.pruning_record(pruned)["dropped_blocks"]
-    assert dropped and dropped[0] == blocks[-1] and set(dropped) <= set(blocks)
+    assert dropped and set(dropped) <= set(blocks)
+    saved = {name: prune._block_macs(cnn, name) for name in blocks}
+    covering = [set(chosen) for size in range(len(blocks) + 1) for chosen in itertools.combinations(blocks, size)
+                if sum(saved[name] for name in chosen) >= 0.2 * macs]
+    assert sum(order[name] for name in dropped) == min(sum(order[name] for name in c) for c in covering)
     assert 1 - prune.macs_and_params(pruned)[0] / macs >= 0.2
     assert all(not isinstance(cnn.get_submodule(name), torch.nn.Identity) for name in dropped), "a copy is pruned"
     reloaded = prune.load_pruned(prune.save_pruned(pruned, tmp_path / "pruned.pt"))
     images = _images(pruned, 2)
     with torch.inference_mode():
         assert torch.equal(reloaded(images), pruned(images))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_covering_set_is_the_cheapest_that_saves_enough(seed: int) -> None:
+    rng = random.Random(seed)
+    blocks = [(f"b{i}", rng.uniform(-0.1, 1.0), rng.randint(5, 200)) for i in range(rng.randint(1, 9))]
+    total, needed = 1000, rng.uniform(0, 600)
+    chosen = prune.cheapest_covering_set(blocks, needed, total)
+    macs, cost = ({n: m for n, _, m in blocks}, {n: c for n, c, _ in blocks})
+    subsets = [s for size in range(len(blocks) + 1) for s in itertools.combinations(cost, size)]
+    enough = [s for s in subsets if sum(macs[n] for n in s) >= needed]
+    if enough:
+        assert sum(macs[n] for n in chosen) >= needed
+        assert sum(cost[n] for n in chosen) <= min(sum(cost[n] for n in s) for s in enough) + 1e-9
+    else:
+        assert set(chosen) == set(cost), "nothing saves enough: every block"
+    assert [cost[n] for n in chosen] == sorted(cost[n] for n in chosen)
+
+
+def test_nested_blocks_never_go_together() -> None:
+    blocks = [("stage.1", 0.5, 300), ("stage.1.inner", 0.0, 100), ("stage.2", 0.6, 200)]
+    assert prune.cheapest_covering_set(blocks, 350, 1000) == ["stage.1", "stage.2"]
 
 
 @pytest.mark.parametrize(("request_", "message"), [

@@ -57,9 +57,9 @@ SEMANTIC_FILE = STORY_DATA / "semantic.yaml"
 RAIL_CONFIGS_FILE = STORY_DATA / "rail_configs.yaml"
 NEMOGUARD_FILE = RAILS_DIR / "nemoguard.yml"
 REDTEAM_FILE = STORY_DATA / "redteam.yaml"
-# The frozen test part. Five earlier ones were scored, read while the rails improved, and then retired into
+# The frozen test part. Six earlier ones were scored, read while the rails improved, and then retired into
 # the development part (its header says when): a test part a score was read from stops being a test.
-REDTEAM_TEST_FILE = STORY_DATA / "redteam_test6.yaml"
+REDTEAM_TEST_FILE = STORY_DATA / "redteam_test7.yaml"
 OUTPUT_DEV_FILE = STORY_DATA / "output_dev.yaml"
 OUTPUT_TEST_FILE = STORY_DATA / "output_test.yaml"
 OUTPUT_TEST3_FILE = STORY_DATA / "output_test3.yaml"
