@@ -117,10 +117,11 @@ def test_retired_test_parts_train_the_input_rail_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sample, dev_sample, sizes",
-                         [(None, 10, (10, 440)), (6, 10, (6, 6)), (None, None, (3086, 440))])
+                         [(None, 10, (10, 440)), (6, 10, (6, 6)), (None, None, None)])
 def test_the_spec_samples_the_development_part_apart(config: CourseConfig, sample: int | None,
-                                                     dev_sample: int | None, sizes: tuple[int, int]) -> None:
+                                                     dev_sample: int | None, sizes: tuple[int, int] | None) -> None:
     config.llm.redteam_sample, config.llm.redteam_dev_sample = sample, dev_sample
+    sizes = sizes or (len(load_redteam(REDTEAM_FILE)), len(load_redteam(REDTEAM_TEST_FILE)))  # None: every prompt
     parts = load_redteam_parts(config)
     assert list(parts) == ["dev", "test"] and (len(parts["dev"]), len(parts["test"])) == sizes
     assert {i.adversarial for i in parts["dev"]} == {True, False}
