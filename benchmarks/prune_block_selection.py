@@ -32,7 +32,7 @@ def cheapest_per_mac_first(blocks: list[tuple[str, float, int]], needed: float, 
     for name, _, macs in sorted(blocks, key=lambda block: block[1] / block[2]):
         if saved >= needed:
             break
-        if not any(name.startswith(f"{other}.") or other.startswith(f"{name}.") for other in chosen):
+        if not prune.overlaps(name, chosen):
             chosen.append(name)
             saved += macs
     return chosen

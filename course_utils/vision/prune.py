@@ -402,6 +402,11 @@ def blocks_to_drop(model: Classifier, ratio: float, samples: list[Sample] | None
     return cheapest_covering_set(_BLOCK_SCORES[key], ratio * total, total)
 
 
+def overlaps(block: str, others: list[str]) -> bool:
+    """Whether the block named ``block`` sits inside one of ``others`` or holds one (its MACs counted twice)."""
+    return any(block.startswith(f"{other}.") or other.startswith(f"{block}.") for other in others)
+
+
 def cheapest_covering_set(blocks: list[tuple[str, float, int]], needed: float, total: int) -> list[str]:
     """The names of the ``blocks`` (name, cost, MACs) whose MACs reach ``needed`` at the least summed cost.
 
@@ -416,7 +421,7 @@ def cheapest_covering_set(blocks: list[tuple[str, float, int]], needed: float, t
     cheapest: dict[int, tuple[float, list[str]]] = {0: (0.0, [])}  # thousandths saved (capped at goal) -> set
     for name, cost, macs in blocks:
         for saved, (spent, chosen) in list(cheapest.items()):
-            if any(name.startswith(f"{other}.") or other.startswith(f"{name}.") for other in chosen):
+            if overlaps(name, chosen):
                 continue
             reached = min(goal, saved + int(macs * scale))
             if reached not in cheapest or spent + cost < cheapest[reached][0]:
